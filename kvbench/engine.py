@@ -1,0 +1,295 @@
+"""Prefill once with full attention while the methods' scorers observe every layer; then, for every
+(method, budget) of the run, build that method's compressed cache from the full one and decode greedily
+with true positions.
+
+Prefill activations never depend on the compression (the cache is pruned after the prefill), so one
+prefill serves a whole sweep; only decoding repeats. With --scope context the prefill covers the context
+only and the question is fed afterwards through each compressed cache."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from kvbench import attention
+from kvbench.methods.base import Budget, DecodeContext, LayerDecoder, LayerView, Method, SelectContext
+from kvbench.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One (method, budget) to decode from a prefill."""
+
+    label: str  # the method's name or preset as the user asked for it
+    method: Method
+    budget: Budget
+
+
+@dataclass
+class Generation:
+    plan: Plan
+    token_ids: list[int]
+    text: str
+    kept_per_layer: list[int]  # prompt tokens held per layer right after compression
+    cache_bytes: int  # bytes of K and V actually held after compression (before decoding)
+    full_cache_bytes: int
+    decode_seconds: float
+    max_cache_tokens: int  # the largest cache length any layer held between decode steps
+    final_cache_tokens: list[int]
+
+
+@dataclass
+class SampleRun:
+    n_prompt_tokens: int
+    n_prefilled: int  # tokens that went through the observed prefill (the context only with --scope context)
+    prefill_seconds: float
+    generations: list[Generation] = field(default_factory=list)
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def make_cache(model: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A fresh DynamicCache holding exactly these tensors ([1, H_kv, L, d] each), through the public API."""
+    cache = DynamicCache(config=model.config)
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
+def nbytes(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
+def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """tensor [1, H_kv, L, d], indices [H_kv, k] -> new tensor [1, H_kv, k, d]."""
+    index = indices.to(tensor.device)[None, :, :, None].expand(1, -1, -1, tensor.shape[-1])
+    return torch.gather(tensor, 2, index).contiguous()
+
+
+class PrefillObserver:
+    """Computes every requested scorer once per layer during the prefill."""
+
+    def __init__(self, methods: list[Method], n_layers: int):
+        self.n_layers = n_layers
+        self.scorers: dict[tuple, Method] = {}
+        for method in methods:
+            key = method.scorer_key()
+            if key is not None:
+                self.scorers.setdefault(key, method)
+        self.max_window = max((m.window() for m in methods), default=0)
+        self.scores: dict[tuple, dict[int, torch.Tensor | None]] = {key: {} for key in self.scorers}
+
+    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        if not self.scorers:
+            return
+        view = LayerView(
+            layer=module.layer_idx,
+            n_layers=self.n_layers,
+            query=query[0],
+            keys=key[0],
+            values=value[0],
+            scaling=float(module.scaling),
+            max_window=self.max_window,
+        )
+        for scorer_key, method in self.scorers.items():
+            self.scores[scorer_key][module.layer_idx] = method.score(view)
+
+
+class DecodeObserver:
+    """Runs continuous methods' per-layer decoders after each attention call and evicts from the cache."""
+
+    def __init__(self, cache: DynamicCache, decoders: dict[int, LayerDecoder]):
+        self.cache = cache
+        self.decoders = decoders
+
+    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        decoder = self.decoders.get(module.layer_idx)
+        if decoder is None:
+            return
+        q = query[0].float()
+        keys = key[0].float()
+        group = q.shape[0] // keys.shape[0]
+        logits = torch.matmul(q, keys.repeat_interleave(group, dim=0).transpose(1, 2)) * float(module.scaling)
+        q_len, kv_len = q.shape[1], keys.shape[1]
+        if q_len > 1:
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+            logits = logits.masked_fill(~causal, float("-inf"))
+        keep = decoder.step(torch.softmax(logits, dim=-1), key[0])
+        if keep is not None:
+            layer = self.cache.layers[module.layer_idx]
+            layer.keys = gather_tokens(layer.keys, keep)
+            layer.values = gather_tokens(layer.values, keep)
+
+
+def sample_seed(sample_id: str, seed: int) -> int:
+    return zlib.crc32(f"{seed}:{sample_id}".encode())
+
+
+@dataclass
+class Engine:
+    model: Any
+    tokenizer: Any
+    repetition_penalty: float = 1.0  # from the model's generation config, as HF generate applies it
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, prompt: Prompt, plans: list[Plan], scope: str = "full", sample_id: str = "", seed: int = 0) -> SampleRun:
+        ids = torch.tensor([prompt.ids], device=self.device)
+        n_prompt = ids.shape[1]
+        split = n_prompt if scope == "full" else max(1, min(prompt.question_start, n_prompt))
+        observer = PrefillObserver([p.method for p in plans], self.n_layers)
+        cache = DynamicCache(config=self.model.config)
+        start = time.perf_counter()
+        with attention.observing(observer):
+            out = self.model(
+                input_ids=ids[:, :split],
+                position_ids=torch.arange(split, device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._sync()
+        run = SampleRun(n_prompt_tokens=n_prompt, n_prefilled=split, prefill_seconds=time.perf_counter() - start)
+        full = cache_layers(cache)
+        first_logits = out.logits[0, -1] if split == n_prompt else None
+        for plan in plans:
+            run.generations.append(
+                self._generate(plan, prompt, ids, split, full, observer, first_logits, sample_seed(sample_id, seed))
+            )
+        return run
+
+    def _compress(
+        self, plan: Plan, full: list[tuple[torch.Tensor, torch.Tensor]], observer: PrefillObserver, seed: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[int, LayerDecoder]]:
+        method, budget = plan.method, plan.budget
+        scorer_key = method.scorer_key()
+        layers, decoders = [], {}
+        previous = None
+        for index, (keys, values) in enumerate(full):
+            n_tokens = keys.shape[2]
+            ctx = SelectContext(
+                layer=index,
+                n_layers=len(full),
+                n_tokens=n_tokens,
+                kept=budget.kept(n_tokens),
+                scores=observer.scores[scorer_key].get(index) if scorer_key is not None else None,
+                keys=keys[0],
+                n_kv_heads=keys.shape[1],
+                group=self.model.config.num_attention_heads // keys.shape[1],
+                previous=previous,
+                seed=seed,
+            )
+            keep = method.select(ctx)
+            previous = keep
+            layers.append((gather_tokens(keys, keep), gather_tokens(values, keep)))
+            if method.continuous and not budget.is_full:
+                decoder = method.decoder(DecodeContext(select=ctx, kept_indices=keep))
+                if decoder is not None:
+                    decoders[index] = decoder
+        return layers, decoders
+
+    def _generate(
+        self,
+        plan: Plan,
+        prompt: Prompt,
+        ids: torch.Tensor,
+        split: int,
+        full: list[tuple[torch.Tensor, torch.Tensor]],
+        observer: PrefillObserver,
+        first_logits: torch.Tensor | None,
+        seed: int,
+    ) -> Generation:
+        start = time.perf_counter()
+        if plan.method.name == "fullkv":
+            layers, decoders = full, {}
+        else:
+            layers, decoders = self._compress(plan, full, observer, seed)
+        kept = [k.shape[2] for k, _ in layers]
+        held = nbytes(layers)
+        cache = make_cache(self.model, layers)
+        decode_observer = DecodeObserver(cache, decoders) if decoders else None
+        n_prompt = ids.shape[1]
+        contiguous = plan.method.position_mode == "contiguous"
+
+        def position() -> int:
+            # Original mode: new tokens continue from the uncompressed length. Contiguous (StreamingLLM's
+            # faithful mode): the next position is the number of tokens the cache holds.
+            return cache.layers[0].keys.shape[2] if contiguous else n_seen
+
+        n_seen = split
+        logits = first_logits
+        if logits is None:  # --scope context: feed the question through the compressed cache
+            question = ids[:, split:]
+            base = position()
+            positions = torch.arange(base, base + question.shape[1], device=self.device)[None]
+            with attention.observing(decode_observer):
+                logits = self.model(
+                    input_ids=question, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+                ).logits[0, -1]
+            n_seen = n_prompt
+        history = ids[0].tolist()
+        stops = torch.tensor(sorted(prompt.stop_ids), device=self.device, dtype=torch.long)
+        generated: list[int] = []
+        max_cache = max(k.shape[2] for k, _ in layers)
+        for step in range(prompt.max_new_tokens):
+            logits = self._penalise(logits.float(), history)
+            if step == 0 and stops.numel():
+                logits = logits.clone()
+                logits[stops] = float("-inf")  # LongBench's min_length = prompt + 1: no empty answers
+            token = int(torch.argmax(logits))
+            generated.append(token)
+            history.append(token)
+            if token in prompt.stop_ids or step == prompt.max_new_tokens - 1:
+                break
+            with attention.observing(decode_observer):
+                out = self.model(
+                    input_ids=torch.tensor([[token]], device=self.device),
+                    position_ids=torch.tensor([[position()]], device=self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            n_seen += 1
+            logits = out.logits[0, -1]
+            max_cache = max(max_cache, max(layer.keys.shape[2] for layer in cache.layers))
+        self._sync()
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return Generation(
+            plan=plan,
+            token_ids=generated,
+            text=text,
+            kept_per_layer=kept,
+            cache_bytes=held,
+            full_cache_bytes=nbytes(full),
+            decode_seconds=time.perf_counter() - start,
+            max_cache_tokens=max_cache,
+            final_cache_tokens=[layer.keys.shape[2] for layer in cache.layers],
+        )
+
+    def _penalise(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """HF's RepetitionPenaltyLogitsProcessor, which LongBench's generate() applies when the model's
+        generation config sets repetition_penalty (Qwen2-Instruct ships 1.05)."""
+        if self.repetition_penalty == 1.0:
+            return logits
+        index = torch.tensor(history, device=logits.device)
+        picked = logits.gather(0, index)
+        picked = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
+        return logits.scatter(0, index, picked)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
