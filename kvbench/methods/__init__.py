@@ -15,6 +15,10 @@ from kvbench.registry import Registry, did_you_mean, unknown
 
 METHODS: Registry[type[Method]] = Registry("method")
 METHODS.register("fullkv", FullKV, aliases=("full",))
+# --- prefill-once methods (one registry line each) ---
+# --- end prefill-once methods ---
+# --- continuous methods (one registry line each) ---
+# --- end continuous methods ---
 
 
 @dataclass(frozen=True)
