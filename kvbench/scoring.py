@@ -135,8 +135,25 @@ def score_sample(
 ) -> float:
     """Official per-sample score in [0, 1]: max of the task's metric over the answers (0.0 if none)."""
     base = base_task(task)
-    fn = _METRIC_FN[TASK_METRIC[base]]
-    if base in FIRST_LINE_TASKS:
+    return score_with_metric(TASK_METRIC[base], base in FIRST_LINE_TASKS, prediction, answers, all_classes)
+
+
+def score_with_metric(
+    metric: str,
+    first_line: bool,
+    prediction: str,
+    answers: Sequence[str],
+    all_classes: Sequence[str] | None,
+) -> float:
+    """:func:`score_sample` for a task described by data (tasks/*.yaml): metric name + first-line rule.
+
+    ``first_line`` applies the trec/triviaqa/samsum/lsht cut. The max starts from 0.0 like the
+    official loop, so an empty answer list scores 0.0.
+    """
+    fn = _METRIC_FN.get(metric)
+    if fn is None:
+        raise InputError(f"unknown metric {metric!r} (known: {', '.join(sorted(_METRIC_FN))})")
+    if first_line:
         prediction = prediction.lstrip("\n").split("\n")[0]
     score = 0.0
     for answer in answers:
@@ -384,13 +401,3 @@ def render_score_table(report: ScoreReport) -> str:
             "| " + " | ".join([f"average of {ncat} category means", "", "", "", f"{category_average(report.scores):.2f}"] + pad) + " |"
         )
     return "\n".join(lines) + "\n"
-
-
-def score_with_metric(
-    metric: str, first_line: bool, prediction: str, answers: Sequence[str], all_classes: Sequence[str] | None
-) -> float:
-    """score_sample for a task described by data (tasks/*.yaml): its metric name and first-line rule."""
-    fn = _METRIC_FN[metric]
-    if first_line:
-        prediction = prediction.lstrip("\n").split("\n")[0]
-    return max((fn(prediction, answer, all_classes) for answer in answers), default=0.0)

@@ -78,6 +78,15 @@ def test_first_line_rule_not_applied_elsewhere():
     assert S.score_sample("lcc", "\n  x = 1", ["x = 1"], None) == 0.83
 
 
+def test_score_with_metric_by_name():
+    # same first-line cut when asked: "\nParis\nLondon" -> "Paris" -> F1 1; without it 2/3
+    # (tokens [paris, london] vs [paris]: P 1/2, R 1)
+    assert S.score_with_metric("qa_f1", True, "\nParis\nLondon", ["Paris"], None) == 1.0
+    assert S.score_with_metric("qa_f1", False, "\nParis\nLondon", ["Paris"], None) == pytest.approx(2 / 3)
+    with pytest.raises(InputError, match="unknown metric"):
+        S.score_with_metric("bleu", False, "x", ["x"], None)
+
+
 def test_max_over_answers_and_empty_answers():
     assert S.score_sample("hotpotqa", "Paris", ["London", "Paris"], None) == 1.0
     assert S.score_sample("hotpotqa", "Paris", [], None) == 0.0
