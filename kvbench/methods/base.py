@@ -15,7 +15,6 @@ A method is a dataclass whose fields are its hyper-parameters. The engine calls 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,6 +48,8 @@ class Budget:
 
     @property
     def label(self) -> str:
+        if self.ratio == 1.0:
+            return "full"  # nothing evicted, whatever the method: the FullKV block of a table
         return f"r{self.ratio:g}" if self.ratio is not None else f"b{self.tokens}"
 
     @property
@@ -225,8 +226,7 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = max(0, min(k, scores.shape[-1]))
     if k == 0:
         return torch.zeros(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
-    n = scores.shape[-1]
-    # A tiny decreasing offset by position would change real scores; sort by (score desc, position asc).
+    # Sort by (score desc, position asc): a stable descending sort keeps earlier positions first on ties.
     order = torch.argsort(scores.double(), dim=-1, descending=True, stable=True)
     return order[..., :k].sort(dim=-1).values
 
@@ -247,6 +247,3 @@ def split_budget(kept: int, window: int) -> tuple[int, int]:
 def full_indices(n_heads: int, n_tokens: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n_tokens, device=device).expand(n_heads, n_tokens)
 
-
-def log2ceil(x: int) -> int:
-    return 0 if x <= 1 else math.ceil(math.log2(x))

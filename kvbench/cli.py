@@ -1,0 +1,216 @@
+"""The `kvbench` command line. Thin: parses options, calls the modules, turns kvbench errors into one line
+on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+try:  # typer >= 0.20 vendors click; older releases use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+from kvbench.errors import KvbenchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Faithful LongBench evaluation of KV-cache compression methods.",
+)
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A rich progress bar on stderr: samples done/total, ETA, mean prefill and decode seconds."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.prefill = self.decode = 0.0
+        self.count = 0
+
+    def start(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self.bar = Bar(TextColumn("samples"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
+                       TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
+                       disable=not console.is_terminal and os.environ.get("KVBENCH_PROGRESS") != "1")
+        self.bar.start()
+        self.task = self.bar.add_task("run", total=total, stats="")
+
+    def advance(self, prefill_s: float, decode_s: float) -> None:
+        self.count += 1
+        self.prefill += prefill_s
+        self.decode += decode_s
+        stats = f"prefill {self.prefill / self.count:.2f}s  decode {self.decode / self.count:.2f}s / sample"
+        self.bar.update(self.task, advance=1, stats=stats)
+        if self.bar.disable:
+            _err(f"[{self.count}] {stats}")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def run(
+    model: str = typer.Option("smollm2-135m", help="alias (kvbench models), HF id, local dir or .gguf file"),
+    method: str = typer.Option("fullkv", help="method or preset names, comma separated, or 'all'"),
+    ratio: Optional[str] = typer.Option(None, help="fraction of the prompt's KV kept (0 < r <= 1), comma list ok; default 0.1"),
+    budget: Optional[int] = typer.Option(None, help="keep this many tokens instead of a ratio"),
+    tasks: str = typer.Option("synthetic", help="all | en | zh | e | synthetic | comma list of task names"),
+    data: str = typer.Option("auto", help="auto | hub (THUDM/LongBench data.zip) | local (--data-dir)"),
+    data_dir: Optional[Path] = typer.Option(None, help="directory of official <task>.jsonl files"),
+    limit: Optional[int] = typer.Option(None, help="first N samples of each task"),
+    results: Path = typer.Option(Path("results"), help="results directory"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"),
+    scope: str = typer.Option("full", help="full: compress the whole prompt (question observed); context: compress the context, then feed the question"),
+    gqa_reduce: Optional[str] = typer.Option(None, help="mean | max | sum: how query-head scores become KV-head scores"),
+    method_arg: list[str] = typer.Option([], help="key=value hyper-parameter override (repeatable)"),
+    max_length: Optional[int] = typer.Option(None, help="override the model's LongBench truncation length (tokens)"),
+    shard: Optional[str] = typer.Option(None, help="i/n: run samples i::n (job arrays); torchrun sets this itself"),
+    wait: bool = typer.Option(False, help="wait for another process writing the same result file"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    synthetic_length: int = typer.Option(2000, help="length of synthetic contexts (words en / characters zh)"),
+    seed: int = typer.Option(0, help="seed for random methods"),
+    hub_revision: Optional[str] = typer.Option(None, help="THUDM/LongBench dataset revision (commit) for --data hub"),
+) -> None:
+    """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
+    from kvbench import data as data_mod, runner, store
+
+    opts = runner.RunOptions(
+        model=model, method=method, ratios=runner.parse_ratios(ratio), budget=budget, tasks=tasks, data=data,
+        data_dir=data_dir, limit=limit, results=results, device=device, dtype=dtype, scope=scope,
+        gqa_reduce=gqa_reduce, method_args=runner.parse_method_args(method_arg), max_length=max_length,
+        shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
+        synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
+    )
+    runner.run(opts, log=_err, progress=Progress())
+
+
+@app.command()
+def table(
+    results: Path = typer.Option(Path("results"), help="results directory"),
+    format: str = typer.Option("md", "--format", help="md | latex | csv"),
+    model: Optional[str] = typer.Option(None, help="model alias/name to tabulate"),
+    tasks: Optional[str] = typer.Option(None, help="comma list of tasks (default: all present)"),
+    out: Optional[Path] = typer.Option(None, help="write here instead of stdout"),
+) -> None:
+    """Table 17-style comparison table from stored results."""
+    from kvbench import report, store
+
+    rows = store.load_all_rows(results)
+    if model is not None:
+        from kvbench.models import resolve_model
+
+        model = resolve_model(model).name
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    text = report.render(report.build_table(rows, names, model), format)
+    _emit(text, out)
+
+
+def _emit(text: str, out: Optional[Path]) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        return
+    if out.exists() and out.is_dir():
+        raise KvbenchError(f"--out {out} is a directory")
+    from kvbench.store import write_atomic
+
+    write_atomic(out, text)
+    _err(f"wrote {out}")
+
+
+@app.command()
+def score(
+    directory: Path = typer.Argument(..., help="directory of official-format prediction files <task>.jsonl"),
+    json_out: bool = typer.Option(False, "--json", help="print {task: score} as JSON"),
+    out: Optional[Path] = typer.Option(None, help="write here instead of stdout"),
+) -> None:
+    """Score LongBench prediction files exactly as the official eval.py does."""
+    import json
+
+    from kvbench import scoring
+
+    if not directory.is_dir():
+        raise KvbenchError(f"not a directory: {directory}")
+    report = scoring.score_prediction_dir(directory)
+    text = (json.dumps(scoring.report_to_json(report), indent=2, ensure_ascii=False) + "\n") if json_out \
+        else scoring.render_score_table(report)
+    _emit(text, out)
+
+
+@app.command("models")
+def list_models() -> None:
+    """Model aliases and what they point to."""
+    from kvbench.models import load_aliases
+
+    for alias, entry in load_aliases().items():
+        source = entry.get("hf_id") or (entry.get("embedded") or {}).get("file") or (entry.get("gguf") or {}).get("file")
+        print(f"{alias:22s} {source}  (LongBench max_length {entry.get('max_length')}, chat {entry.get('chat')})")
+
+
+@app.command("tasks")
+def list_tasks() -> None:
+    """Tasks: the 21 LongBench v1 tasks, LongBench-E variants, and synthetic tasks."""
+    from kvbench.data import load_task_specs
+
+    for spec in load_task_specs().values():
+        kind = "synthetic" if spec.synthetic else ("LongBench-E" if spec.longbench_e else "LongBench")
+        print(f"{spec.name:24s} {spec.short:11s} {spec.language}  {spec.category:14s} {spec.metric:15s} "
+              f"max_new={spec.max_new_tokens:<4d} chat={'yes' if spec.chat else 'no':3s} {kind}")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """Compression methods with their defaults and source papers, then the named presets."""
+    from kvbench import methods
+
+    for name, cls in methods.METHODS.items():
+        print(f"{name:14s} {cls().describe()}")
+        print(f"{'':14s} source: {cls.source}")
+    for name, entry in methods.presets().items():
+        params = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "method")
+        print(f"{name:18s} preset of {entry.get('method')}: {params}")
+
+
+def main() -> None:
+    try:
+        result = app(standalone_mode=False)
+    except click_exceptions.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            print(exc.ctx.get_help())
+            sys.exit(0)
+        _err(f"kvbench: error: {exc.format_message()}")
+        sys.exit(2)
+    except click_exceptions.ClickException as exc:
+        _err(f"kvbench: error: {exc.format_message()}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _err("kvbench: interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        _err("kvbench: interrupted; rerun the same command to resume")
+        sys.exit(130)
+    except KvbenchError as exc:
+        _err(f"kvbench: error: {exc}")
+        sys.exit(2)
+    if isinstance(result, int) and result:
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()

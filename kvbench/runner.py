@@ -1,0 +1,365 @@
+"""`kvbench run`: resolve and validate everything, skip what is done, prefill each pending sample once,
+decode every (method, budget) from it, score, and append one row per (sample, method, budget)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvbench import __version__, data, methods, models, prompts, scoring, store
+from kvbench.data import HUB_REVISION, Sample, TaskSpec
+from kvbench.engine import Engine, Generation, Plan
+from kvbench.errors import InputError
+from kvbench.methods.base import Budget
+from kvbench.store import ResultFile, Shard, digest
+
+# Bump when the engine's decoding rules change (anything that can move a score).
+ENGINE_VERSION = "engine-v1"
+SCOPES = ("full", "context")
+
+
+@dataclass
+class RunOptions:
+    model: str = "smollm2-135m"
+    method: str = "fullkv"
+    ratios: list[float] | None = None
+    budget: int | None = None
+    tasks: str = "synthetic"
+    data: str = "auto"
+    data_dir: Path | None = None
+    limit: int | None = None
+    results: Path = Path("results")
+    device: str = "auto"
+    dtype: str = "auto"
+    scope: str = "full"
+    gqa_reduce: str | None = None
+    method_args: dict[str, str] = field(default_factory=dict)
+    max_length: int | None = None
+    shard: Shard = field(default_factory=Shard)
+    wait: bool = False
+    trust_remote_code: bool = False
+    synthetic_length: int = 2000
+    seed: int = 0
+    hub_revision: str = HUB_REVISION
+
+
+@dataclass
+class Target:
+    """One (task, plan) result file and what it still needs."""
+
+    task: TaskSpec
+    plan: Plan
+    config_fp: str
+    task_fp: str
+    file: ResultFile
+    done: set[str]
+
+
+@dataclass
+class RunSummary:
+    rows_written: int = 0
+    rows_done_before: int = 0
+    prefills: int = 0
+    decodes: int = 0
+    model_loaded: bool = False
+    manifest: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def parse_ratios(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(f"--ratio must be a number in (0, 1] or a comma list of them, got '{part}'") from None
+        if not 0 < value <= 1:
+            raise InputError(f"--ratio must be in (0, 1], got {part}")
+        values.append(value)
+    return values
+
+
+def parse_method_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--method-arg must be key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def budgets(opts: RunOptions) -> list[Budget]:
+    if opts.budget is not None and opts.ratios is not None:
+        raise InputError("give --ratio or --budget, not both")
+    if opts.budget is not None:
+        return [Budget(tokens=opts.budget)]
+    return [Budget(ratio=r) for r in (opts.ratios or [0.1])]
+
+
+def build_plans(opts: RunOptions) -> list[Plan]:
+    names = methods.parse_method_list(opts.method)
+    overrides_all = dict(opts.method_args)
+    if opts.gqa_reduce is not None:
+        overrides_all["gqa_reduce"] = opts.gqa_reduce
+    choices = []
+    used: set[str] = set()
+    for name in names:
+        base = methods.build(name)  # validates the name
+        fields = set(base.method.params())
+        applicable = {k: v for k, v in overrides_all.items() if k in fields}
+        used |= set(applicable)
+        choices.append(methods.build(name, applicable))
+    unused = set(opts.method_args) - used
+    if unused:
+        key = sorted(unused)[0]
+        raise InputError(f"--method-arg {key}: no selected method has a parameter '{key}'")
+    plans: list[Plan] = []
+    for choice in choices:
+        if choice.base == "fullkv":
+            plans.append(Plan(choice.label, choice.method, Budget(ratio=1.0)))
+            continue
+        for budget in budgets(opts):
+            plans.append(Plan(choice.label, choice.method, budget))
+    return plans
+
+
+def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str) -> dict[str, Any]:
+    """Everything outside the task and the method that changes a score."""
+    from kvbench import metrics
+
+    return {
+        "model_identity": identity,
+        "max_length": spec.max_length,
+        "chat": spec.chat,
+        "dtype": dtype,
+        "prompt_rules": prompts.PROMPT_RULES_VERSION,
+        "metrics": metrics.METRICS_VERSION,
+        "engine": ENGINE_VERSION,
+    }
+
+
+def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
+    return {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
+
+
+def dtype_name(opts: RunOptions, spec: models.ModelSpec) -> str:
+    device = models.resolve_device(opts.device)
+    return str(models.resolve_dtype(spec.dtype if opts.dtype == "auto" else opts.dtype, device)).replace("torch.", "")
+
+
+def rank_shard(opts: RunOptions) -> Shard:
+    """torchrun/accelerate set RANK and WORLD_SIZE: each rank takes samples i::world_size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if opts.shard.count != 1:
+            raise InputError("--shard cannot be combined with a multi-process launch (WORLD_SIZE > 1)")
+        return Shard(int(os.environ.get("RANK", "0")), world)
+    return opts.shard
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"kvbench": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def score_generation(task: TaskSpec, sample: Sample, prediction: str) -> float:
+    return scoring.score_with_metric(
+        task.metric, task.first_line, prediction, list(sample.answers),
+        list(sample.all_classes) if sample.all_classes is not None else None,
+    )
+
+
+def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Prompt, run_id: str,
+             model_name: str, protocol_fp: str, prefill_seconds: float, scope: str, prefilled: int) -> dict[str, Any]:
+    plan = gen.plan
+    return {
+        "_id": sample.id,
+        "task": target.task.name,
+        "model": model_name,
+        "method": plan.label,
+        "method_base": plan.method.name,
+        "params": plan.method.params(),
+        "ratio": plan.budget.ratio,
+        "budget_tokens": plan.budget.tokens,
+        "budget": plan.budget.label,
+        "scope": scope,
+        "prediction": gen.text,
+        "answers": list(sample.answers),
+        "all_classes": list(sample.all_classes) if sample.all_classes is not None else None,
+        "length": sample.length,
+        "score": score_generation(target.task, sample, gen.text),
+        "prompt_tokens": prompt.n_tokens,
+        "prompt_tokens_untruncated": prompt.n_original_tokens,
+        "prefilled_tokens": prefilled,
+        "kept_tokens": gen.kept_per_layer,
+        "kept_tokens_mean": sum(gen.kept_per_layer) / len(gen.kept_per_layer),
+        "cache_bytes": gen.cache_bytes,
+        "full_cache_bytes": gen.full_cache_bytes,
+        "max_cache_tokens": gen.max_cache_tokens,
+        "generated_tokens": len(gen.token_ids),
+        "prefill_seconds": round(prefill_seconds, 4),
+        "decode_seconds": round(gen.decode_seconds, 4),
+        "protocol_fp": protocol_fp,
+        "task_fp": target.task_fp,
+        "config_fp": target.config_fp,
+        "run_id": run_id,
+    }
+
+
+def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = None) -> RunSummary:
+    # ---- 1. validate everything before touching the disk or loading weights ----
+    if opts.limit is not None and opts.limit < 0:
+        raise InputError(f"--limit must be >= 0, got {opts.limit}")
+    if opts.scope not in SCOPES:
+        raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got '{opts.scope}'")
+    if opts.data not in ("auto", "hub", "local"):
+        raise InputError(f"--data must be auto, hub or local, got '{opts.data}'")
+    if opts.data == "local" and opts.data_dir is None:
+        raise InputError("--data local needs --data-dir DIR")
+    if opts.results.exists() and not opts.results.is_dir():
+        raise InputError(f"--results {opts.results} exists and is not a directory")
+    spec = models.resolve_model(opts.model, opts.max_length)
+    shard = rank_shard(opts)
+    plans = build_plans(opts)
+    task_specs = data.select_tasks(opts.tasks)
+    sources = data.open_source(
+        opts.data, opts.data_dir, task_specs, models.cache_root(), opts.synthetic_length, opts.hub_revision
+    )
+    explicit = {p.strip() for p in opts.tasks.split(",")}
+    runnable: list[TaskSpec] = []
+    for task in task_specs:
+        if sources[task.name].available(task):
+            runnable.append(task)
+        elif task.name in explicit:
+            raise InputError(f"no data for task '{task.name}' in {opts.data_dir}")
+        else:
+            log(f"skipping {task.name}: no {task.name}.jsonl in {opts.data_dir}")
+    if not runnable:
+        raise InputError(f"none of the selected tasks has data in {opts.data_dir}")
+    samples: dict[str, list[Sample]] = {}
+    for task in runnable:
+        picked = list(sources[task.name].samples(task, opts.limit))
+        samples[task.name] = [s for i, s in enumerate(picked) if shard.owns(i)]
+    dtype = dtype_name(opts, spec)
+    identity = models.model_identity(spec)
+    protocol = protocol_fields(spec, identity, dtype)
+    protocol_fp = digest(protocol)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+    # ---- 2. open result files, find what is already done ----
+    targets: list[Target] = []
+    summary = RunSummary()
+    try:
+        for task in runnable:
+            task_fp = digest({"task": task.fingerprint_fields(), "data": sources[task.name].identity(task),
+                              "protocol": protocol_fp})
+            for plan in plans:
+                config_fp = digest({"config": config_fields(plan, opts.scope), "task_fp": task_fp})
+                path = store.result_path(opts.results, spec.slug, task.name, plan.label, plan.budget.label,
+                                         opts.scope, config_fp, shard)
+                file = ResultFile(path, wait=opts.wait)
+                done = file.open()
+                targets.append(Target(task, plan, config_fp, task_fp, file, done))
+                summary.files.append(path)
+        pending: dict[str, list[tuple[Sample, list[Target]]]] = {}
+        total = 0
+        for task in runnable:
+            task_targets = [t for t in targets if t.task.name == task.name]
+            for sample in samples[task.name]:
+                missing = [t for t in task_targets if sample.id not in t.done]
+                summary.rows_done_before += len(task_targets) - len(missing)
+                if missing:
+                    pending.setdefault(task.name, []).append((sample, missing))
+                    total += 1
+        n_samples = sum(len(v) for v in samples.values())
+        if total == 0:
+            log(f"all {n_samples} samples x {len(plans)} configs done ({summary.rows_done_before} rows); nothing to run")
+            return summary
+
+        # ---- 3. load the model once and run ----
+        log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")
+        loaded = models.load_model(spec, opts.device, dtype, opts.trust_remote_code)
+        summary.model_loaded = True
+        manifest_path = opts.results / spec.slug / "manifests" / f"{run_id}.json"
+        manifest = {
+            "run_id": run_id,
+            "argv": sys.argv,
+            "options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items() if k != "shard"},
+            "shard": f"{shard.index}/{shard.count}",
+            "protocol": protocol,
+            "protocol_fp": protocol_fp,
+            "plans": [{"method": p.label, "params": p.method.params(), "budget": p.budget.label} for p in plans],
+            "tasks": [t.name for t in runnable],
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "device": str(loaded.device),
+            "device_name": _device_name(loaded.device),
+            "stop_ids": sorted(loaded.stop_ids),
+            "status": "running",
+        }
+        store.write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+        summary.manifest = manifest_path
+        gen_config = getattr(loaded.model, "generation_config", None)
+        engine = Engine(loaded.model, loaded.tokenizer, float(getattr(gen_config, "repetition_penalty", None) or 1.0))
+        max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+        if progress is not None:
+            progress.start(total)
+        for task in runnable:
+            for sample, missing in pending.get(task.name, []):
+                prompt = prompts.build_prompt(task, sample, loaded.tokenizer, spec.max_length, spec.chat,
+                                              loaded.stop_ids, max_positions)
+                result = engine.run(prompt, [t.plan for t in missing], opts.scope, sample.id, opts.seed)
+                summary.prefills += 1
+                for target, gen in zip(missing, result.generations):
+                    row = make_row(target, sample, gen, prompt, run_id, spec.name, protocol_fp,
+                                   result.prefill_seconds, opts.scope, result.n_prefilled)
+                    target.file.append(row)
+                    summary.rows_written += 1
+                    summary.decodes += 1
+                if progress is not None:
+                    progress.advance(result.prefill_seconds, sum(g.decode_seconds for g in result.generations))
+        manifest.update(status="complete", prefills=summary.prefills, decodes=summary.decodes,
+                        rows_written=summary.rows_written)
+        store.write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+        log(f"done: {summary.rows_written} rows written from {summary.prefills} prefills "
+            f"(one per sample) and {summary.decodes} decodes; {summary.rows_done_before} rows were already done")
+        return summary
+    finally:
+        if progress is not None:
+            progress.stop()
+        for target in targets:
+            target.file.close()
+
+
+def _device_name(device: Any) -> str:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
