@@ -16,6 +16,19 @@ from kvbench.registry import Registry, did_you_mean, unknown
 METHODS: Registry[type[Method]] = Registry("method")
 METHODS.register("fullkv", FullKV, aliases=("full",))
 # --- prefill-once methods (one registry line each) ---
+from kvbench.methods.snapkv import SnapKV  # noqa: E402
+from kvbench.methods.pyramidkv import PyramidKV  # noqa: E402
+from kvbench.methods.chunkkv import ChunkKV  # noqa: E402
+from kvbench.methods.h2o_prefill import H2OPrefill  # noqa: E402
+from kvbench.methods.random import RandomKeep  # noqa: E402
+from kvbench.methods.knorm import KNorm  # noqa: E402
+
+METHODS.register("snapkv", SnapKV)
+METHODS.register("pyramidkv", PyramidKV)
+METHODS.register("chunkkv", ChunkKV)
+METHODS.register("h2o_prefill", H2OPrefill)
+METHODS.register("random", RandomKeep)
+METHODS.register("knorm", KNorm, aliases=("l2norm",))
 # --- end prefill-once methods ---
 # --- continuous methods (one registry line each) ---
 # --- end continuous methods ---
