@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from kvbench import attention
+from kvbench import attention, rope
 from kvbench.methods.base import Budget, DecodeContext, LayerDecoder, LayerView, Method, SelectContext
 from kvbench.prompts import Prompt
 
@@ -105,9 +105,12 @@ class PrefillObserver:
 class DecodeObserver:
     """Runs continuous methods' per-layer decoders after each attention call and evicts from the cache."""
 
-    def __init__(self, cache: DynamicCache, decoders: dict[int, LayerDecoder]):
+    def __init__(
+        self, cache: DynamicCache, decoders: dict[int, LayerDecoder], rerotator: rope.Rerotator | None = None
+    ):
         self.cache = cache
         self.decoders = decoders
+        self.rerotator = rerotator  # contiguous positions: kept keys move to their index in the cache
 
     def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         decoder = self.decoders.get(module.layer_idx)
@@ -126,6 +129,8 @@ class DecodeObserver:
             layer = self.cache.layers[module.layer_idx]
             layer.keys = gather_tokens(layer.keys, keep)
             layer.values = gather_tokens(layer.values, keep)
+            if self.rerotator is not None:
+                layer.keys = self.rerotator.to_contiguous(layer.keys, keep)
 
 
 def sample_seed(sample_id: str, seed: int) -> int:
@@ -179,6 +184,7 @@ class Engine:
         scorer_key = method.scorer_key()
         layers, decoders = [], {}
         previous = None
+        rerotator = rope.for_model(self.model) if method.position_mode == "contiguous" else None
         for index, (keys, values) in enumerate(full):
             n_tokens = keys.shape[2]
             ctx = SelectContext(
@@ -195,7 +201,10 @@ class Engine:
             )
             keep = method.select(ctx)
             previous = keep
-            layers.append((gather_tokens(keys, keep), gather_tokens(values, keep)))
+            kept_keys = gather_tokens(keys, keep)
+            if rerotator is not None:  # contiguous positions: kept keys move to 0 .. k-1
+                kept_keys = rerotator.to_contiguous(kept_keys, keep)
+            layers.append((kept_keys, gather_tokens(values, keep)))
             if method.continuous and not budget.is_full:
                 decoder = method.decoder(DecodeContext(select=ctx, kept_indices=keep))
                 if decoder is not None:
@@ -221,9 +230,10 @@ class Engine:
         kept = [k.shape[2] for k, _ in layers]
         held = nbytes(layers)
         cache = make_cache(self.model, layers)
-        decode_observer = DecodeObserver(cache, decoders) if decoders else None
         n_prompt = ids.shape[1]
         contiguous = plan.method.position_mode == "contiguous"
+        rerotator = rope.for_model(self.model) if contiguous and decoders else None
+        decode_observer = DecodeObserver(cache, decoders, rerotator) if decoders else None
 
         def position() -> int:
             # Original mode: new tokens continue from the uncompressed length. Contiguous (StreamingLLM's

@@ -31,6 +31,19 @@ METHODS.register("random", RandomKeep)
 METHODS.register("knorm", KNorm, aliases=("l2norm",))
 # --- end prefill-once methods ---
 # --- continuous methods (one registry line each) ---
+from kvbench.methods.h2o import H2O  # noqa: E402
+from kvbench.methods.tova import TOVA  # noqa: E402
+from kvbench.methods.scissorhands import Scissorhands  # noqa: E402
+from kvbench.methods.streamingllm import StreamingLLM  # noqa: E402
+from kvbench.methods.sliding import Sliding  # noqa: E402
+from kvbench.methods.sink_recent import SinkRecent  # noqa: E402
+
+METHODS.register("h2o", H2O)
+METHODS.register("tova", TOVA)
+METHODS.register("scissorhands", Scissorhands)
+METHODS.register("streamingllm", StreamingLLM, aliases=("streaming_llm", "slm"))
+METHODS.register("sliding", Sliding, aliases=("local", "sliding_window"))
+METHODS.register("sink_recent", SinkRecent, aliases=("sink+recent",))
 # --- end continuous methods ---
 
 
