@@ -111,6 +111,7 @@ def budgets(opts: RunOptions) -> list[Budget]:
 
 def build_plans(opts: RunOptions) -> list[Plan]:
     names = methods.parse_method_list(opts.method)
+    budget_list = budgets(opts)  # validated even when only fullkv (which ignores them) is selected
     overrides_all = dict(opts.method_args)
     if opts.gqa_reduce is not None:
         overrides_all["gqa_reduce"] = opts.gqa_reduce
@@ -131,7 +132,7 @@ def build_plans(opts: RunOptions) -> list[Plan]:
         if choice.base == "fullkv":
             plans.append(Plan(choice.label, choice.method, Budget(ratio=1.0)))
             continue
-        for budget in budgets(opts):
+        for budget in budget_list:
             plans.append(Plan(choice.label, choice.method, budget))
     return plans
 
@@ -155,19 +156,41 @@ def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
     return {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
 
 
-def dtype_name(opts: RunOptions, spec: models.ModelSpec) -> str:
-    device = models.resolve_device(opts.device)
-    return str(models.resolve_dtype(spec.dtype if opts.dtype == "auto" else opts.dtype, device)).replace("torch.", "")
+def dtype_name(opts: RunOptions, spec: models.ModelSpec, device: str | None = None) -> str:
+    resolved = models.resolve_device(device or opts.device)
+    return str(models.resolve_dtype(spec.dtype if opts.dtype == "auto" else opts.dtype, resolved)).replace("torch.", "")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise InputError(f"environment variable {name} must be an integer, got '{value}'") from None
 
 
 def rank_shard(opts: RunOptions) -> Shard:
-    """torchrun/accelerate set RANK and WORLD_SIZE: each rank takes samples i::world_size."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """torchrun/accelerate set RANK and WORLD_SIZE: each rank takes samples i::world_size. No process group
+    is needed: ranks share nothing but the results directory, each writing its own shard files."""
+    world = _env_int("WORLD_SIZE", 1)
     if world > 1:
         if opts.shard.count != 1:
             raise InputError("--shard cannot be combined with a multi-process launch (WORLD_SIZE > 1)")
-        return Shard(int(os.environ.get("RANK", "0")), world)
+        rank = _env_int("RANK", 0)
+        if not 0 <= rank < world:
+            raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return Shard(rank, world)
     return opts.shard
+
+
+def rank_device(device: str) -> str:
+    """Under a multi-process launch, --device auto or cuda puts each rank on its own GPU (LOCAL_RANK)."""
+    if _env_int("WORLD_SIZE", 1) > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{_env_int('LOCAL_RANK', 0) % torch.cuda.device_count()}"
+    return device
 
 
 def git_commit() -> str | None:
@@ -266,46 +289,55 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     for task in runnable:
         picked = list(sources[task.name].samples(task, opts.limit))
         samples[task.name] = [s for i, s in enumerate(picked) if shard.owns(i)]
-    dtype = dtype_name(opts, spec)
+    device = rank_device(opts.device)
+    dtype = dtype_name(opts, spec, device)
     identity = models.model_identity(spec)
     protocol = protocol_fields(spec, identity, dtype)
     protocol_fp = digest(protocol)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
-    # ---- 2. open result files, find what is already done ----
+    # ---- 2. find what is already done: read only, nothing created, a live writer refused now ----
     targets: list[Target] = []
     summary = RunSummary()
+    for task in runnable:
+        task_fp = digest({"task": task.fingerprint_fields(), "data": sources[task.name].identity(task),
+                          "protocol": protocol_fp})
+        for plan in plans:
+            config_fp = digest({"config": config_fields(plan, opts.scope), "task_fp": task_fp})
+            path = store.result_path(opts.results, spec.slug, task.name, plan.label, plan.budget.label,
+                                     opts.scope, config_fp, shard)
+            file = ResultFile(path, wait=opts.wait)
+            file.lock.check()
+            targets.append(Target(task, plan, config_fp, task_fp, file, file.done()))
+            summary.files.append(path)
+    n_samples = sum(len(v) for v in samples.values())
+    pending, total = _pending(runnable, targets, samples, summary)
+    if total == 0:
+        log(f"all {n_samples} samples x {len(plans)} configs done ({summary.rows_done_before} rows); nothing to run")
+        return summary
+
+    # ---- 3. check the model (RoPE, tokenizer) and that every pending prompt fits it from its config and
+    # tokenizer alone, then load the weights: bad input is refused before anything is written ----
+    pre = models.preflight(spec, opts.trust_remote_code)
+    max_positions = getattr(pre.config, "max_position_embeddings", None)
+    if spec.max_length is None and max_positions is not None:
+        for task in runnable:
+            for sample, _ in pending.get(task.name, []):
+                prompts.build_prompt(task, sample, pre.tokenizer, None, spec.chat, frozenset(), max_positions)
+    log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")
+    loaded = models.load_model(spec, device, dtype, opts.trust_remote_code, pre)
+    summary.model_loaded = True
+
+    # ---- 4. take the locks, repair torn tails, and look again (another process may have written meanwhile) ----
     try:
-        for task in runnable:
-            task_fp = digest({"task": task.fingerprint_fields(), "data": sources[task.name].identity(task),
-                              "protocol": protocol_fp})
-            for plan in plans:
-                config_fp = digest({"config": config_fields(plan, opts.scope), "task_fp": task_fp})
-                path = store.result_path(opts.results, spec.slug, task.name, plan.label, plan.budget.label,
-                                         opts.scope, config_fp, shard)
-                file = ResultFile(path, wait=opts.wait)
-                done = file.open()
-                targets.append(Target(task, plan, config_fp, task_fp, file, done))
-                summary.files.append(path)
-        pending: dict[str, list[tuple[Sample, list[Target]]]] = {}
-        total = 0
-        for task in runnable:
-            task_targets = [t for t in targets if t.task.name == task.name]
-            for sample in samples[task.name]:
-                missing = [t for t in task_targets if sample.id not in t.done]
-                summary.rows_done_before += len(task_targets) - len(missing)
-                if missing:
-                    pending.setdefault(task.name, []).append((sample, missing))
-                    total += 1
-        n_samples = sum(len(v) for v in samples.values())
+        for target in targets:
+            target.done = target.file.open()
+        pending, total = _pending(runnable, targets, samples, summary)
         if total == 0:
             log(f"all {n_samples} samples x {len(plans)} configs done ({summary.rows_done_before} rows); nothing to run")
             return summary
 
-        # ---- 3. load the model once and run ----
-        log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")
-        loaded = models.load_model(spec, opts.device, dtype, opts.trust_remote_code)
-        summary.model_loaded = True
+        # ---- 5. run ----
         manifest_path = opts.results / spec.slug / "manifests" / f"{run_id}.json"
         manifest = {
             "run_id": run_id,
@@ -327,7 +359,6 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
         summary.manifest = manifest_path
         gen_config = getattr(loaded.model, "generation_config", None)
         engine = Engine(loaded.model, loaded.tokenizer, float(getattr(gen_config, "repetition_penalty", None) or 1.0))
-        max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         if progress is not None:
             progress.start(total)
         for task in runnable:
@@ -355,6 +386,23 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             progress.stop()
         for target in targets:
             target.file.close()
+
+
+def _pending(runnable: list[TaskSpec], targets: list[Target], samples: dict[str, list[Sample]],
+             summary: RunSummary) -> tuple[dict[str, list[tuple[Sample, list[Target]]]], int]:
+    """Per task, the samples some target still lacks (with those targets); and how many samples that is."""
+    pending: dict[str, list[tuple[Sample, list[Target]]]] = {}
+    total = 0
+    summary.rows_done_before = 0
+    for task in runnable:
+        task_targets = [t for t in targets if t.task.name == task.name]
+        for sample in samples[task.name]:
+            missing = [t for t in task_targets if sample.id not in t.done]
+            summary.rows_done_before += len(task_targets) - len(missing)
+            if missing:
+                pending.setdefault(task.name, []).append((sample, missing))
+                total += 1
+    return pending, total
 
 
 def _device_name(device: Any) -> str:
