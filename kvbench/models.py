@@ -246,55 +246,99 @@ def load_tokenizer(location: str | Path, local_only: bool, trust_remote_code: bo
     return AutoTokenizer.from_pretrained(location, local_files_only=local_only, trust_remote_code=trust_remote_code)
 
 
+@dataclass
+class Preflight:
+    """A model's config and tokenizer, loaded without its weights (seconds, even for a 70B)."""
+
+    spec: ModelSpec
+    location: str | Path
+    identity: str
+    local_only: bool
+    config: Any
+    tokenizer: Any
+
+
+def _local_first(load: Any, local_only: bool) -> Any:
+    """load(local_files_only) from local files; from the hub only for a hub id, and only when online."""
+    if local_only:
+        return load(True)
+    try:
+        return load(True)
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise
+        return load(False)
+
+
+def _unavailable(spec: ModelSpec, exc: BaseException, trust_remote_code: bool) -> ModelUnavailableError:
+    hint = spec.how_to_get or (
+        f"download it where the hub is reachable (`hf download {spec.hf_id}`) and copy the HF cache here"
+        if spec.hf_id
+        else "check the path"
+    )
+    if not trust_remote_code and "trust_remote_code" in str(exc):
+        hint = "it needs its own code from the hub: review that code, then pass --trust-remote-code"
+    return ModelUnavailableError(f"cannot load model '{spec.name}' ({_first_line(exc)}): {hint}")
+
+
+def preflight(spec: ModelSpec, trust_remote_code: bool = False) -> Preflight:
+    """Load config and tokenizer only and check kvbench supports the model, so an unsupported model (or a
+    prompt too long for it) is refused before any weights are loaded or anything is written."""
+    from transformers import AutoConfig
+
+    location, identity, local_only = weights_location(spec)
+    try:
+        config = _local_first(lambda local: AutoConfig.from_pretrained(
+            location, local_files_only=local, trust_remote_code=trust_remote_code), local_only)
+    except (OSError, ValueError) as exc:
+        raise _unavailable(spec, exc, trust_remote_code) from None
+    try:
+        tokenizer = _local_first(lambda local: load_tokenizer(location, local, trust_remote_code), local_only)
+    except (OSError, ValueError) as exc:
+        if not local_only:
+            raise _unavailable(spec, exc, trust_remote_code) from None
+        raise InputError(f"model '{spec.name}' has no usable tokenizer in {location} ({_first_line(exc)})") from None
+    check_supported(config, tokenizer, spec)
+    return Preflight(spec, location, identity, local_only, config, tokenizer)
+
+
 def load_model(
-    spec: ModelSpec, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    spec: ModelSpec, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+    pre: Preflight | None = None,
 ) -> LoadedModel:
-    """Load weights and tokenizer, put the model in eval mode on the device, and set kvbench's attention."""
+    """Load weights and tokenizer, put the model in eval mode on the device, and set kvbench's attention.
+    `pre` (from preflight) saves loading config and tokenizer twice."""
     from transformers import AutoModelForCausalLM
 
     from kvbench import attention
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(spec.dtype if dtype == "auto" else dtype, dev)
-    location, identity, local_only = weights_location(spec)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    pre = pre or preflight(spec, trust_remote_code)
+    kwargs: dict[str, Any] = {"config": pre.config, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     try:
-        if spec.hf_id and not local_only:
-            try:
-                tokenizer = load_tokenizer(location, True, trust_remote_code)
-                model = AutoModelForCausalLM.from_pretrained(location, local_files_only=True, **kwargs)
-            except OSError:
-                if os.environ.get("HF_HUB_OFFLINE") == "1":
-                    raise
-                tokenizer = load_tokenizer(location, False, trust_remote_code)
-                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-            revision = _hf_revision(spec.hf_id)
-            identity = f"hf:{spec.hf_id}@{revision or 'unknown'}"
-        else:
-            tokenizer = load_tokenizer(location, True, trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(location, local_files_only=True, **kwargs)
-    except KvbenchError:
-        raise
+        model = _local_first(lambda local: AutoModelForCausalLM.from_pretrained(
+            pre.location, local_files_only=local, **kwargs), pre.local_only)
     except (OSError, ValueError) as exc:
-        hint = spec.how_to_get or (
-            f"download it where the hub is reachable (`hf download {spec.hf_id}`) and copy the HF cache here"
-            if spec.hf_id
-            else "check the path"
-        )
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelUnavailableError(f"cannot load model '{spec.name}' ({first[:160]}): {hint}") from exc
-    check_supported(model, tokenizer, spec)
+        raise _unavailable(spec, exc, trust_remote_code) from exc
+    identity = pre.identity
+    if spec.hf_id and not pre.local_only:
+        identity = f"hf:{spec.hf_id}@{_hf_revision(spec.hf_id) or 'unknown'}"
     model.to(dev)
     model.eval()
     attention.install(model)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=torch_dtype, identity=identity)
+    loaded = LoadedModel(model=model, tokenizer=pre.tokenizer, spec=spec, device=dev, dtype=torch_dtype, identity=identity)
     loaded.stop_ids = stop_token_ids(loaded)
     return loaded
 
 
-def check_supported(model: Any, tokenizer: Any, spec: ModelSpec) -> None:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160].rstrip(": ") if text else type(exc).__name__
+
+
+def check_supported(config: Any, tokenizer: Any, spec: ModelSpec) -> None:
     """kvbench's compression assumes a RoPE decoder (positions continue after eviction) and a real tokenizer."""
-    config = model.config
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     if rope is None and getattr(config, "rope_theta", None) is None:
         raise InputError(f"model '{spec.name}' ({config.model_type}) has no rotary position embedding; kvbench needs a RoPE decoder")
