@@ -6,7 +6,10 @@ Layout (results/README.md documents it for users):
 
 Every line is one complete scored row. Appends are flushed and fsynced; a torn last line (a crash in the
 middle of a write) is ignored when reading and cut off before the next append, so the sample is redone.
-A lock file next to each result file stops two processes from writing it at once."""
+A lock file next to each result file stops two processes from writing it at once.
+
+Test hook: KVBENCH_TEST_SLOW_WRITE=<seconds> makes ResultFile.append write half a line, sync, sleep that long
+and then write the rest, so a test can kill a run in the middle of a write (tests/test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -61,7 +64,9 @@ class LockedError(KvbenchError):
 
 
 class FileLock:
-    """An exclusive lock file holding 'pid host'. A lock whose process is gone (same host) is taken over."""
+    """An exclusive lock file holding 'pid host'. A lock whose process is gone (same host) is taken over;
+    the take-over itself is serialised by a second O_EXCL file, so two processes finding the same stale lock
+    cannot both end up holding it."""
 
     def __init__(self, path: Path, wait: bool = False, poll: float = 0.5):
         self.path = path.with_name(path.name + ".lock")
@@ -85,6 +90,43 @@ class FileLock:
             return True
         return True
 
+    def _stale(self, holder: tuple[int, str] | None) -> bool:
+        """The holder's process is gone (same host only), or the lock stayed empty (a crash while creating it)."""
+        if holder is None:
+            return time.time() - self._mtime(self.path) > 5
+        return holder[1] == socket.gethostname() and not self._alive(holder[0])
+
+    def _take_over(self, holder: tuple[int, str] | None) -> None:
+        """Remove a stale lock, unless another process took it over (or is doing so) meanwhile."""
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            if time.time() - self._mtime(guard) > 10:  # its creator died inside the few lines below
+                guard.unlink(missing_ok=True)
+            time.sleep(0.05)
+            return
+        try:
+            if self._holder() == holder and self._stale(holder):
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Refuse now, creating nothing, if a live process holds the lock and we are not to wait."""
+        if self.wait or not self.path.exists():
+            return
+        holder = self._holder()
+        if not self._stale(holder):
+            raise self._locked(holder)
+
+    def _locked(self, holder: tuple[int, str] | None) -> LockedError:
+        who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
+        return LockedError(
+            f"{self.path.with_suffix('')} is being written by {who}; use --wait to wait for it "
+            f"(or delete {self.path.name} if that process is gone)"
+        )
+
     def acquire(self) -> None:
         me = f"{os.getpid()} {socket.gethostname()}"
         while True:
@@ -96,20 +138,17 @@ class FileLock:
                 return
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and holder[1] == socket.gethostname() and not self._alive(holder[0]):
-                    self.path.unlink(missing_ok=True)  # stale: its process died
-                    continue
-                if holder is None and time.time() - self._mtime() > 5:
-                    self.path.unlink(missing_ok=True)  # an empty lock from a crash during creation
+                if self._stale(holder):
+                    self._take_over(holder)
                     continue
                 if not self.wait:
-                    who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
-                    raise LockedError(f"{self.path.with_suffix('')} is being written by {who}; use --wait to wait for it")
+                    raise self._locked(holder) from None
                 time.sleep(self.poll)
 
-    def _mtime(self) -> float:
+    @staticmethod
+    def _mtime(path: Path) -> float:
         try:
-            return self.path.stat().st_mtime
+            return path.stat().st_mtime
         except OSError:
             return time.time()
 
@@ -120,13 +159,14 @@ class FileLock:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Complete rows of one result file; a torn or corrupt line is skipped (its sample will be redone)."""
+    """Complete rows of one result file; a torn or corrupt line is skipped (its sample will be redone). A line
+    is complete only with its newline: a last line without one is a write in progress or cut by a crash."""
     rows = []
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return rows
-    for line in data.split(b"\n"):
+    for line in data.split(b"\n")[:-1]:
         if not line.strip():
             continue
         try:
@@ -163,12 +203,26 @@ class ResultFile:
                 handle.flush()
                 os.fsync(handle.fileno())
 
+    def done(self) -> set[str]:
+        """Ids already written, read without the lock and without creating anything."""
+        return {row["_id"] for row in read_rows(self.path)}
+
     def append(self, row: dict[str, Any]) -> None:
         line = (json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
+        new = not self.path.exists()
+        slow = float(os.environ.get("KVBENCH_TEST_SLOW_WRITE") or 0)  # test hook, see the module docstring
         with open(self.path, "ab") as handle:
+            if slow > 0:
+                handle.write(line[: len(line) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                time.sleep(slow)
+                line = line[len(line) // 2:]
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+        if new:
+            _fsync_dir(self.path.parent)
 
     def close(self) -> None:
         self.lock.release()
@@ -180,15 +234,34 @@ def result_path(root: Path, model: str, task: str, method_label: str, budget_lab
     return root / safe_name(model) / safe_name(task) / name
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a new or renamed directory entry durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write then rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def iter_result_files(root: Path) -> Iterator[Path]:
