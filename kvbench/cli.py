@@ -151,6 +151,27 @@ def score(
     _emit(text, out)
 
 
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="baseline results directory"),
+    new: Path = typer.Argument(..., help="results directory to check against it"),
+    fail_below: Optional[float] = typer.Option(
+        None, "--fail-below", help="exit 1 when any task's score drops more than this many points"),
+    format: str = typer.Option("text", "--format", help="text | md"),
+) -> None:
+    """Per-task and average score deltas between two result sets of one protocol (the regression gate)."""
+    from kvbench import compare as compare_mod
+
+    compare_mod.check_options(format, fail_below)
+    result = compare_mod.compare_dirs(base, new)
+    sys.stdout.write(compare_mod.render(result, format, fail_below))
+    failures = result.failures(fail_below)
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        _err(f"kvbench: compare: {failures[0]}{more}")
+        raise typer.Exit(code=1)
+
+
 @app.command("models")
 def list_models() -> None:
     """Model aliases and what they point to."""
