@@ -106,6 +106,12 @@ def table(
     model: Optional[str] = typer.Option(None, help="model alias/name to tabulate"),
     tasks: Optional[str] = typer.Option(None, help="comma list of tasks (default: all present)"),
     out: Optional[Path] = typer.Option(None, help="write here instead of stdout"),
+    metric: str = typer.Option("score", help="score | retention | retention_min | overlap (evidence kept, "
+                               "adjacent-layer Jaccard of kept indices; x100)"),
+    ci: bool = typer.Option(False, "--ci", help="paired difference to FullKV with a bootstrap 95% CI and a sign "
+                            "test in every cell (legend under the table)"),
+    resamples: int = typer.Option(10_000, help="bootstrap resamples for --ci"),
+    ci_seed: int = typer.Option(0, help="bootstrap seed for --ci"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
     from kvbench import report, store
@@ -116,8 +122,28 @@ def table(
 
         model = resolve_model(model).name
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    text = report.render(report.build_table(rows, names, model), format)
+    built = report.build_table(rows, names, model, metric=metric)
+    if ci:
+        if resamples < 1:
+            raise KvbenchError(f"--resamples must be >= 1, got {resamples}")
+        report.add_ci(built, resamples, ci_seed)
+    text = report.render(built, format)
     _emit(text, out)
+
+
+@app.command()
+def plot(
+    results: Path = typer.Option(Path("results"), help="results directory"),
+    out: Path = typer.Option(Path("plots"), help="directory for the PNG figures"),
+) -> None:
+    """PNG figures: score vs ratio and vs measured cache bytes per method (a panel per task plus Avg), and
+    KL vs budget when sensitivity results (kl_raw.jsonl) are present. Needs the `plot` extra (matplotlib)."""
+    from kvbench import plots
+
+    if out.exists() and not out.is_dir():
+        raise KvbenchError(f"--out {out} is not a directory")
+    for path in plots.plot_results(results, out):
+        _err(f"wrote {path}")
 
 
 def _emit(text: str, out: Optional[Path]) -> None:

@@ -41,6 +41,9 @@ class Generation:
     decode_seconds: float
     max_cache_tokens: int  # the largest cache length any layer held between decode steps
     final_cache_tokens: list[int]
+    # Per layer, the prompt positions kept right after compression ([H_kv, k] int32 on CPU); None when nothing
+    # was selected (FullKV). Continuous methods may evict more while decoding; this is the prefill selection.
+    kept_indices: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -178,7 +181,8 @@ class Engine:
         return run
 
     def _compress(
-        self, plan: Plan, full: list[tuple[torch.Tensor, torch.Tensor]], observer: PrefillObserver, seed: int
+        self, plan: Plan, full: list[tuple[torch.Tensor, torch.Tensor]], observer: PrefillObserver, seed: int,
+        kept_out: list[torch.Tensor] | None = None,
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[int, LayerDecoder]]:
         method, budget = plan.method, plan.budget
         scorer_key = method.scorer_key()
@@ -201,6 +205,8 @@ class Engine:
             )
             keep = method.select(ctx)
             previous = keep
+            if kept_out is not None:  # evidence retention and cross-layer overlap (kvbench.evidence)
+                kept_out.append(keep.detach().to("cpu", torch.int32))
             kept_keys = gather_tokens(keys, keep)
             if rerotator is not None:  # contiguous positions: kept keys move to 0 .. k-1
                 kept_keys = rerotator.to_contiguous(kept_keys, keep)
@@ -223,10 +229,12 @@ class Engine:
         seed: int,
     ) -> Generation:
         start = time.perf_counter()
+        kept_indices: list[torch.Tensor] | None = None
         if plan.method.name == "fullkv":
             layers, decoders = full, {}
         else:
-            layers, decoders = self._compress(plan, full, observer, seed)
+            kept_indices = []
+            layers, decoders = self._compress(plan, full, observer, seed, kept_indices)
         kept = [k.shape[2] for k, _ in layers]
         held = nbytes(layers)
         cache = make_cache(self.model, layers)
@@ -288,6 +296,7 @@ class Engine:
             decode_seconds=time.perf_counter() - start,
             max_cache_tokens=max_cache,
             final_cache_tokens=[layer.keys.shape[2] for layer in cache.layers],
+            kept_indices=kept_indices,
         )
 
     def _penalise(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:

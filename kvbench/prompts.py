@@ -4,7 +4,7 @@ a double BOS; plus the stop tokens and the number of new tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvbench.data import Sample, TaskSpec
@@ -22,6 +22,12 @@ class Prompt:
     truncated: bool
     max_new_tokens: int
     stop_ids: frozenset[int]
+    # The final text, its token offsets, and where it copies the filled template verbatim: (final_start,
+    # filled_start, length) triples (the head and tail kept by middle truncation, inside the chat template).
+    # kvbench.evidence maps evidence spans through them.
+    text: str = field(default="", repr=False, compare=False)
+    offsets: tuple[tuple[int, int], ...] = field(default=(), repr=False, compare=False)
+    segments: tuple[tuple[int, int, int], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
@@ -36,13 +42,52 @@ def fill(template: str, sample: Sample) -> str:
 def middle_truncate(text: str, tokenizer: Any, max_length: int) -> tuple[str, int, bool]:
     """Keep the first and last int(max_length/2) tokens (tokenized as the tokenizer does by default, special
     tokens included), each half decoded with special tokens skipped, joined as strings."""
+    head, tail, n_original, truncated = middle_truncate_parts(text, tokenizer, max_length)
+    return head + tail, n_original, truncated
+
+
+def middle_truncate_parts(text: str, tokenizer: Any, max_length: int) -> tuple[str, str, int, bool]:
+    """middle_truncate's head and tail strings (head = text and tail = "" when nothing is cut)."""
     ids = tokenizer(text, truncation=False)["input_ids"]
     if len(ids) <= max_length:
-        return text, len(ids), False
+        return text, "", len(ids), False
     half = int(max_length / 2)
     head = tokenizer.decode(ids[:half], skip_special_tokens=True)
     tail = tokenizer.decode(ids[-half:], skip_special_tokens=True)
-    return head + tail, len(ids), True
+    return head, tail, len(ids), True
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def copied_segments(filled: str, head: str, tail: str, final: str) -> tuple[tuple[int, int, int], ...]:
+    """Where `final` (head + tail, maybe inside a chat template) copies `filled` verbatim, as (final_start,
+    filled_start, length). Decoding a cut half may differ from the original at its edges (a split multi-byte
+    character); only the characters that match are mapped. Empty when head + tail cannot be found."""
+    body = head + tail
+    lo, hi = 0, len(body)  # the part of body that appears in final
+    at = final.find(body)
+    if at < 0:  # some chat templates trim the message
+        stripped = body.strip()
+        found = final.find(stripped) if stripped else -1
+        if found < 0:
+            return ()
+        lo = len(body) - len(body.lstrip())
+        hi = lo + len(stripped)
+        at = found - lo
+    n_head = _common_prefix(head, filled)
+    n_tail = _common_prefix(tail[::-1], filled[n_head:][::-1]) if tail else 0
+    segments = []
+    for body_start, filled_start, length in ((0, 0, n_head), (len(body) - n_tail, len(filled) - n_tail, n_tail)):
+        start, end = max(body_start, lo), min(body_start + length, hi)
+        if end > start:
+            segments.append((at + start, filled_start + start - body_start, end - start))
+    return tuple(segments)
 
 
 def apply_chat(text: str, tokenizer: Any) -> str:
@@ -96,10 +141,12 @@ def build_prompt(
     model_stop_ids: frozenset[int],
     max_positions: int | None = None,
 ) -> Prompt:
-    text = fill(task.prompt, sample)
+    filled = fill(task.prompt, sample)
     if max_length is not None:
-        text, n_original, truncated = middle_truncate(text, tokenizer, max_length)
+        head, tail, n_original, truncated = middle_truncate_parts(filled, tokenizer, max_length)
+        text = head + tail
     else:
+        head, tail, text = filled, "", filled
         n_original, truncated = len(tokenizer(text, truncation=False)["input_ids"]), False
     templated = task.chat and chat_policy == "template"
     if templated:
@@ -120,4 +167,7 @@ def build_prompt(
         truncated=truncated,
         max_new_tokens=task.max_new_tokens,
         stop_ids=frozenset(stops),
+        text=text,
+        offsets=tuple(offsets),
+        segments=copied_segments(filled, head, tail, text),
     )

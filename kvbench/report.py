@@ -1,7 +1,11 @@
 """Comparison tables from stored rows, in the layout of the ChunkKV paper's Table 17: an "Avg len" row, a
 FullKV block, then one block per budget with a row per method; task columns and Avg (the plain mean of the
 task scores, recomputed), the best cell of each column in bold within a budget block, short task headers,
-and the protocol fingerprint under the table. Rows of different fingerprints are never mixed in a cell."""
+and the protocol fingerprint under the table. Rows of different fingerprints are never mixed in a cell.
+
+Options: `metric` tabulates another per-row field with the same layout (evidence retention, cross-layer
+overlap; see kvbench.evidence); `add_ci` adds paired statistics against FullKV (kvbench.stats) to every cell,
+computed on the samples both scored, with a legend line under the table."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbench import scoring
+from kvbench import scoring, stats
 from kvbench.data import TaskSpec, load_task_specs
 from kvbench.errors import InputError
 
@@ -22,6 +26,7 @@ class Cell:
     score: float  # task score, round(100 * mean, 2)
     n: int
     ids: frozenset[str]
+    values: dict[str, float] = field(default_factory=dict)  # per sample id (0..1), for paired statistics
 
 
 @dataclass
@@ -32,6 +37,11 @@ class Table:
     blocks: list[tuple[str, list[tuple[str, dict[str, Cell]]]]]  # (budget label, [(method, {task: cell})])
     protocol_fps: list[str]
     notes: list[str] = field(default_factory=list)
+    metric: str = "score"
+    reference: tuple[str, str] | None = None  # (budget, method) of FullKV, when add_ci ran
+    ci: dict[tuple[str, str], dict[str, stats.Paired]] = field(default_factory=dict)  # (budget, method) -> task/Avg
+    ci_n: dict[str, int] = field(default_factory=dict)  # the reference's samples per task
+    omitted: list[str] = field(default_factory=list)  # tasks with no value of the metric (no known evidence)
 
     def row_average(self, cells: dict[str, Cell]) -> float | None:
         if any(t not in cells for t in self.tasks):
@@ -59,8 +69,20 @@ def budget_title(label: str) -> str:
     return f"{label[1:]} tok"
 
 
+# --metric: which row field a table shows (x100, mean over samples); rows where it is null are left out.
+METRICS = {
+    "score": "score",
+    "retention": "evidence_retention_mean",
+    "retention_min": "evidence_retention_min",
+    "overlap": "layer_overlap",
+}
+
+
 def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = None, model: str | None = None,
-                specs: dict[str, TaskSpec] | None = None) -> Table:
+                specs: dict[str, TaskSpec] | None = None, metric: str = "score") -> Table:
+    if metric not in METRICS:
+        raise InputError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
+    field_name = METRICS[metric]
     specs = specs or load_task_specs()
     if model is not None:
         rows = [r for r in rows if r.get("model") == model]
@@ -100,11 +122,20 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
                 f"{method} at {budget} on {task}: rows of {len(configs)} configurations (different "
                 "hyper-parameters or scope); give them different preset names or separate result dirs"
             )
+        valued = [r for r in group if r.get(field_name) is not None]
+        if not valued:
+            continue  # e.g. retention on a task without known evidence, overlap of FullKV
         cells[(budget, method)][task] = Cell(
-            score=scoring.task_score([float(r["score"]) for r in group]),
-            n=len(group),
-            ids=frozenset(r["_id"] for r in group),
+            score=scoring.task_score([float(r[field_name]) for r in valued]),
+            n=len(valued),
+            ids=frozenset(r["_id"] for r in valued),
+            values={r["_id"]: float(r[field_name]) for r in valued},
         )
+    omitted = [t for t in present if not any(t in c for c in cells.values())]
+    if omitted and len(omitted) == len(present):
+        raise InputError(f"no row has a value of '{field_name}' (--metric {metric}): no task with known evidence, "
+                         "only FullKV rows, or results written before kvbench recorded it")
+    present = [t for t in present if t not in omitted]
     avg_len = {}
     for task in present:
         lengths = {r["_id"]: r["length"] for r in rows if r["task"] == task}
@@ -122,9 +153,53 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         avg_len=avg_len,
         blocks=blocks,
         protocol_fps=protocol,
+        metric=metric,
+        omitted=[specs[t].short if t in specs else t for t in omitted],
     )
     _note_unequal_samples(table)
     return table
+
+
+def add_ci(table: Table, n_resamples: int = stats.N_RESAMPLES, seed: int = 0) -> Table:
+    """Paired statistics of every cell against FullKV's cell of the same task, on the intersection of their
+    sample ids; the Avg column's by a bootstrap stratified over tasks (rows having every task only)."""
+    if table.metric != "score":
+        raise InputError("--ci applies to --metric score only")
+    reference = _reference(table)
+    ref_cells = dict(dict(table.blocks)[reference[0]])[reference[1]]
+    table.reference = reference
+    table.ci_n = {t: ref_cells[t].n for t in table.tasks if t in ref_cells}
+    for budget, entries in table.blocks:
+        for method, cells in entries:
+            if (budget, method) == reference:
+                continue
+            out: dict[str, stats.Paired] = {}
+            groups = []
+            for task in table.tasks:
+                if task not in cells or task not in ref_cells:
+                    continue
+                ids = sorted(cells[task].ids & ref_cells[task].ids)
+                if not ids:
+                    continue
+                pair = ([cells[task].values[i] for i in ids], [ref_cells[task].values[i] for i in ids])
+                out[task] = stats.paired(*pair, n_resamples=n_resamples, seed=seed)
+                groups.append(pair)
+            if out and len(groups) == len(table.tasks):
+                out["Avg"] = stats.paired_average(groups, n_resamples=n_resamples, seed=seed)
+            table.ci[(budget, method)] = out
+    return table
+
+
+def _reference(table: Table) -> tuple[str, str]:
+    for budget, entries in table.blocks:
+        if budget != "full":
+            continue
+        names = [m for m, _ in entries]
+        if "fullkv" in names:
+            return (budget, "fullkv")
+        if len(names) == 1:
+            return (budget, names[0])
+    raise InputError("--ci needs FullKV rows (run --method fullkv on the same samples) to pair against")
 
 
 def _budget_order(label: str) -> tuple[int, float]:
@@ -151,6 +226,18 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _fmt_ci(value: float | None, pair: stats.Paired | None, n_reference: int | None) -> str:
+    """'38.67 (+0.07 ±1.2)', then ↑/↓ when the bootstrap CI excludes 0 and † when the sign test has p < 0.05."""
+    text = _fmt(value)
+    if value is None or pair is None:
+        return text
+    text += f" ({pair.mean_diff:+.2f} ±{pair.half_width:.1f}"
+    if n_reference is not None and pair.n != n_reference:
+        text += f", n={pair.n}"
+    text += ")" + {1: "↑", -1: "↓", 0: ""}[pair.direction] + ("†" if pair.sign_p < 0.05 else "")
+    return text
+
+
 def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
     """Header, body rows of strings, and which cells are the best of their column within a budget block."""
     header = ["KV", "Method", *table.headers, "Avg"]
@@ -162,8 +249,14 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
         best = [max((v for v in col if v is not None), default=None) for col in [*columns, averages]]
         for i, (method, c) in enumerate(entries):
             values = [c[t].score if t in c else None for t in table.tasks] + [averages[i]]
-            marks = [len(entries) > 1 and v is not None and v == b for v, b in zip(values, best)]
-            body.append([budget_title(budget) if i == 0 else "", display(method), *[_fmt(v) for v in values]])
+            marks = [len(entries) > 1 and v is not None and v == b and table.metric != "overlap"
+                     for v, b in zip(values, best)]
+            if table.reference is not None:
+                pairs = table.ci.get((budget, method), {})
+                texts = [_fmt_ci(v, pairs.get(t), table.ci_n.get(t)) for v, t in zip(values, [*table.tasks, "Avg"])]
+            else:
+                texts = [_fmt(v) for v in values]
+            body.append([budget_title(budget) if i == 0 else "", display(method), *texts])
             bold.append([False, False, *marks])
     return header, body, bold
 
@@ -174,12 +267,17 @@ def render_markdown(table: Table) -> str:
     for row, marks in zip(body, bold):
         lines.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, marks)) + " |")
     lines.append("")
+    if table.reference is not None:
+        lines.append(_legend(table))
+        lines.append("")
     lines.append(_footer(table))
     return "\n".join(lines) + "\n"
 
 
 def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("–", "--")):
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("–", "--"),
+                 ("±", r"$\pm$"), ("↑", r"$\uparrow$"), ("↓", r"$\downarrow$"), ("†", r"$^\dagger$"),
+                 ("Δ", r"$\Delta$"), ("≥", r"$\geq$")):
         text = text.replace(a, b)
     return text
 
@@ -194,7 +292,8 @@ def render_latex(table: Table) -> str:
             out.append(r"\midrule")
         cells = [rf"\textbf{{{_latex_escape(v)}}}" if m else _latex_escape(v) for v, m in zip(row, marks)]
         out.append(" & ".join(cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(_footer(table))}}}", r"\end{table}"]
+    caption = (_legend(table) + " " if table.reference is not None else "") + _footer(table)
+    out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(caption)}}}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
 
@@ -210,7 +309,39 @@ def render_csv(table: Table) -> str:
     return buffer.getvalue()
 
 
+def _legend(table: Table) -> str:
+    """The --ci legend: what the parenthesis and the marks mean, and the number of paired samples."""
+    first = next((p for pairs in table.ci.values() for p in pairs.values()), None)
+    resamples, seed = (first.n_resamples, first.seed) if first else (stats.N_RESAMPLES, 0)
+    n = ", ".join(f"{h} {table.ci_n[t]}" for t, h in zip(table.tasks, table.headers) if t in table.ci_n)
+    return (f"Cells: score (Δ ±h). Δ = mean paired difference to {display(table.reference[1])} in points on the "
+            f"samples both scored (n per task: {n}; a cell with fewer pairs shows its n); ±h = half-width of the "
+            f"paired bootstrap 95% CI ({resamples:,} resamples, seed {seed}, percentile interval; Avg resampled "
+            f"within each task). ↑/↓ = the CI excludes 0 (a significant gain/loss); † = exact two-sided sign test "
+            f"p < 0.05 (ties dropped).")
+
+
+METRIC_TEXT = {
+    "retention": "Evidence retention x 100: per sample, the fraction of (KV head, evidence token) pairs kept right "
+                 "after compression, averaged over layers; mean over samples. Evidence: the gold paragraph "
+                 "(passage retrieval) or the needles (synthetic); FullKV keeps all of it.",
+    "retention_min": "Evidence retention x 100, worst layer: per sample, the minimum over layers of the fraction "
+                     "of (KV head, evidence token) pairs kept right after compression; mean over samples.",
+    "overlap": "Cross-layer overlap x 100: per sample, the Jaccard similarity of the kept index sets of adjacent "
+               "layers (per KV head, averaged over heads and layer pairs; the ChunkKV paper's Table 2 measure); "
+               "mean over samples. FullKV evicts nothing and has none.",
+}
+
+
 def _footer(table: Table) -> str:
+    if table.metric != "score":
+        text = (f"{METRIC_TEXT[table.metric]} Avg = plain mean of the task values. "
+                f"Protocol fingerprint: {', '.join(table.protocol_fps)}.")
+        if table.omitted:
+            text += f" Tasks without values (no known evidence) left out: {', '.join(table.omitted)}."
+        for note in table.notes:
+            text += f" Note: {note}."
+        return text
     text = (f"Scores: LongBench official metrics, task score = round(100 x mean, 2); Avg = plain mean of the task "
             f"scores. Protocol fingerprint: {', '.join(table.protocol_fps)}.")
     for note in table.notes:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench import __version__, data, methods, models, prompts, scoring, store
+from kvbench import __version__, data, evidence, methods, models, prompts, scoring, store
 from kvbench.data import HUB_REVISION, Sample, TaskSpec
 from kvbench.engine import Engine, Generation, Plan
 from kvbench.errors import InputError
@@ -245,6 +245,8 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         "cache_bytes": gen.cache_bytes,
         "full_cache_bytes": gen.full_cache_bytes,
         "max_cache_tokens": gen.max_cache_tokens,
+        # evidence_tokens, evidence_retention (per layer), _mean, _min, layer_overlap: see results/README.md
+        **evidence.row_fields(target.task, sample, prompt, gen.kept_indices, gen.kept_per_layer, prefilled),
         "generated_tokens": len(gen.token_ids),
         "prefill_seconds": round(prefill_seconds, 4),
         "decode_seconds": round(gen.decode_seconds, 4),
