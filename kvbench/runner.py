@@ -313,10 +313,14 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             targets.append(Target(task, plan, config_fp, task_fp, file, file.done()))
             summary.files.append(path)
     n_samples = sum(len(v) for v in samples.values())
-    pending, total = _pending(runnable, targets, samples, summary)
-    if total == 0:
+
+    def all_done() -> RunSummary:
         log(f"all {n_samples} samples x {len(plans)} configs done ({summary.rows_done_before} rows); nothing to run")
         return summary
+
+    pending, total = _pending(runnable, targets, samples, summary)
+    if total == 0:
+        return all_done()
 
     # ---- 3. check the model (RoPE, tokenizer) and that every pending prompt fits it from its config and
     # tokenizer alone, then load the weights: bad input is refused before anything is written ----
@@ -335,9 +339,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
         for target in targets:
             target.done = target.file.open()
         pending, total = _pending(runnable, targets, samples, summary)
-        if total == 0:
-            log(f"all {n_samples} samples x {len(plans)} configs done ({summary.rows_done_before} rows); nothing to run")
-            return summary
+        if total == 0:  # another process finished them while this one loaded the model (--wait)
+            return all_done()
 
         # ---- 5. run ----
         manifest_path = opts.results / spec.slug / "manifests" / f"{run_id}.json"
