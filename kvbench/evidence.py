@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvbench.data import Sample, TaskSpec
@@ -108,19 +109,27 @@ def retention_per_layer(kept: Sequence[torch.Tensor], positions: Sequence[int]) 
     """For each layer's kept indices [H_kv, k]: the fraction of (head, evidence token) pairs kept."""
     if not positions:
         raise ValueError("retention of zero evidence tokens")
-    evidence = torch.tensor(sorted(set(positions)), dtype=torch.long)
+    evidence = np.unique(np.asarray(positions, dtype=np.int64))
     out = []
     for layer in kept:
-        layer = torch.as_tensor(layer).long().reshape(-1, torch.as_tensor(layer).shape[-1])
-        hits = sum(int(torch.isin(evidence, torch.unique(head)).sum()) for head in layer)
-        out.append(hits / (layer.shape[0] * len(evidence)))
+        heads = _heads(layer)
+        hits = sum(np.intersect1d(evidence, np.unique(head), assume_unique=True).size for head in heads)
+        out.append(hits / (heads.shape[0] * evidence.size))
     return out
 
 
-def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    a_set, b_set = set(torch.as_tensor(a).flatten().tolist()), set(torch.as_tensor(b).flatten().tolist())
-    union = a_set | b_set
-    return len(a_set & b_set) / len(union) if union else 1.0
+def _heads(layer: Any) -> np.ndarray:
+    """A layer's kept indices as a [H, k] int64 array."""
+    array = np.asarray(layer.numpy() if isinstance(layer, torch.Tensor) else layer, dtype=np.int64)
+    return array.reshape(-1, array.shape[-1])
+
+
+def jaccard(a: Any, b: Any) -> float:
+    """|A ∩ B| / |A ∪ B| of two index sets (duplicates ignored); 1 for two empty sets."""
+    a, b = np.unique(np.asarray(a)), np.unique(np.asarray(b))
+    common = np.intersect1d(a, b, assume_unique=True).size
+    union = a.size + b.size - common
+    return common / union if union else 1.0
 
 
 def layer_overlap(kept: Sequence[torch.Tensor]) -> float | None:
@@ -130,8 +139,7 @@ def layer_overlap(kept: Sequence[torch.Tensor]) -> float | None:
         return None
     pairs = []
     for below, above in zip(kept[:-1], kept[1:]):
-        below, above = torch.as_tensor(below), torch.as_tensor(above)
-        below, above = below.reshape(-1, below.shape[-1]), above.reshape(-1, above.shape[-1])
+        below, above = _heads(below), _heads(above)
         if below.shape[0] != above.shape[0]:
             raise ValueError(f"adjacent layers keep for {below.shape[0]} and {above.shape[0]} heads")
         pairs.append(sum(jaccard(x, y) for x, y in zip(below, above)) / below.shape[0])
