@@ -1,0 +1,170 @@
+"""The result store: append-only rows, torn tails, the lock file, shard parsing and merging."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from kvbench.errors import InputError
+from kvbench.store import FileLock, LockedError, ResultFile, Shard, load_all_rows, read_rows, result_path
+
+
+def row(i: int, **extra) -> dict:
+    return {"_id": f"id{i}", "task": "hotpotqa", "config_fp": "cfgA", "score": i / 10, "prediction": f"答案 {i}", **extra}
+
+
+def test_append_read_round_trip(tmp_path):
+    path = tmp_path / "m" / "t" / "r.jsonl"
+    file = ResultFile(path)
+    assert file.open() == set()
+    rows = [row(0), row(1, nested={"a": [1, 2]}), row(2)]
+    for r in rows:
+        file.append(r)
+    file.close()
+    assert read_rows(path) == rows
+    assert path.read_bytes().count(b"\n") == 3
+    reopened = ResultFile(path)
+    assert reopened.open() == {"id0", "id1", "id2"}
+    reopened.close()
+
+
+def test_read_rows_of_a_missing_file_is_empty(tmp_path):
+    assert read_rows(tmp_path / "none.jsonl") == []
+
+
+def test_torn_tail_is_ignored_then_cut(tmp_path):
+    path = tmp_path / "r.jsonl"
+    whole = json.dumps(row(0)) + "\n" + json.dumps(row(1)) + "\n"
+    torn = json.dumps(row(2))[:25]  # half a line, no newline: a crash mid-write
+    path.write_text(whole + torn, encoding="utf-8")
+    assert [r["_id"] for r in read_rows(path)] == ["id0", "id1"]
+
+    file = ResultFile(path)
+    assert file.open() == {"id0", "id1"}  # id2 will be redone
+    assert path.read_text(encoding="utf-8") == whole  # the torn bytes are gone
+    file.append(row(2))
+    file.close()
+    assert [r["_id"] for r in read_rows(path)] == ["id0", "id1", "id2"]
+    assert path.read_text(encoding="utf-8").splitlines()[2] == json.dumps(row(2), ensure_ascii=False)
+
+
+def test_torn_line_that_happens_to_parse_is_still_cut(tmp_path):
+    # A line cut right after a complete nested value can be valid JSON without "_id": it is not a row.
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row(0)) + "\n" + '{"task": "x"}', encoding="utf-8")
+    assert [r["_id"] for r in read_rows(path)] == ["id0"]
+    file = ResultFile(path)
+    file.open()
+    file.append(row(1))
+    file.close()
+    assert [json.loads(line)["_id"] for line in path.read_text().splitlines()] == ["id0", "id1"]
+
+
+def test_corrupt_middle_line_is_skipped(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(json.dumps(row(0)).encode() + b"\n\xff\xfe not json\n" + json.dumps(row(1)).encode() + b"\n")
+    assert [r["_id"] for r in read_rows(path)] == ["id0", "id1"]
+
+
+def test_second_lock_names_the_holder(tmp_path):
+    path = tmp_path / "r.jsonl"
+    first = FileLock(path)
+    first.acquire()
+    try:
+        assert first.path.read_text().split() == [str(os.getpid()), socket.gethostname()]
+        with pytest.raises(LockedError, match=rf"process {os.getpid()} on"):
+            FileLock(path).acquire()
+        with pytest.raises(LockedError):
+            ResultFile(path).open()
+    finally:
+        first.release()
+    assert not first.path.exists()
+    second = FileLock(path)
+    second.acquire()  # free again after release
+    second.release()
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    path = tmp_path / "r.jsonl"
+    lock = FileLock(path)
+    lock.path.write_text(f"{child.pid} {socket.gethostname()}")
+    lock.acquire()
+    assert lock.path.read_text().split()[0] == str(os.getpid())
+    lock.release()
+
+
+def test_lock_of_a_live_process_on_another_host_is_respected(tmp_path):
+    path = tmp_path / "r.jsonl"
+    lock = FileLock(path)
+    lock.path.write_text("1 some-other-host")
+    with pytest.raises(LockedError, match="process 1 on some-other-host"):
+        lock.acquire()
+
+
+def test_empty_stale_lock_is_taken_over(tmp_path):
+    path = tmp_path / "r.jsonl"
+    lock = FileLock(path)
+    lock.path.write_text("")
+    with pytest.raises(LockedError):  # fresh: maybe another process is still writing its pid
+        lock.acquire()
+    old = lock.path.stat().st_mtime - 60
+    os.utime(lock.path, (old, old))
+    lock.acquire()
+    assert lock.path.read_text().split()[0] == str(os.getpid())
+    lock.release()
+
+
+@pytest.mark.parametrize("text, expected", [("0/2", Shard(0, 2)), ("1/2", Shard(1, 2)), (" 3 / 4 ", Shard(3, 4)),
+                                            (None, Shard(0, 1)), ("", Shard(0, 1))])
+def test_shard_parse_ok(text, expected):
+    assert Shard.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2/2", "a/b", "1/0", "0/0", "-1/2", "1", "1/2/3"])
+def test_shard_parse_bad(text):
+    with pytest.raises(InputError, match="--shard"):
+        Shard.parse(text)
+
+
+def test_shard_owns_every_nth():
+    shards = [Shard(i, 3) for i in range(3)]
+    assert [[p for p in range(8) if s.owns(p)] for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert Shard(1, 3).suffix == ".shard-1-of-3" and Shard().suffix == ""
+
+
+def test_result_path_layout_and_safe_names(tmp_path):
+    path = result_path(tmp_path, "smollm2-135m", "multi_news", "snapkv", "r0.1", "full", "abc123", Shard(1, 2))
+    assert path == tmp_path / "smollm2-135m" / "multi_news" / "snapkv__r0.1__full__abc123.shard-1-of-2.jsonl"
+    evil = result_path(tmp_path, "../../etc", "a/b", "../x", "r0.1", "full", "fp", Shard())
+    assert evil.resolve().is_relative_to(tmp_path.resolve())
+    assert ".." not in evil.relative_to(tmp_path).parts
+
+
+def test_load_all_rows_merges_shards_and_drops_duplicates(tmp_path):
+    folder = tmp_path / "m" / "hotpotqa"
+    folder.mkdir(parents=True)
+    shard0 = folder / "snapkv__r0.1__full__cfgA.shard-0-of-2.jsonl"
+    shard1 = folder / "snapkv__r0.1__full__cfgA.shard-1-of-2.jsonl"
+    shard0.write_text("".join(json.dumps(row(i)) + "\n" for i in (0, 2, 4)))
+    # shard 1 overlaps on id2 (a re-split run) and has a torn tail
+    shard1.write_text("".join(json.dumps(row(i)) + "\n" for i in (1, 2, 3)) + '{"_id": "id9", "ta')
+    other = tmp_path / "m" / "hotpotqa" / "h2o__r0.1__full__cfgB.jsonl"
+    other.write_text(json.dumps(row(2, config_fp="cfgB")) + "\n")  # same sample, other config: kept
+    manifests = tmp_path / "m" / "manifests"
+    manifests.mkdir()
+    (manifests / "run.jsonl").write_text(json.dumps(row(7)) + "\n")  # not results
+    rows = load_all_rows(tmp_path)
+    keys = sorted((r["config_fp"], r["_id"]) for r in rows)
+    assert keys == [("cfgA", f"id{i}") for i in range(5)] + [("cfgB", "id2")]
+
+
+def test_load_all_rows_missing_root(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_all_rows(tmp_path / "nope")
