@@ -337,6 +337,11 @@ def _footer(table: Table) -> str:
     if table.metric != "score":
         text = (f"{METRIC_TEXT[table.metric]} Avg = plain mean of the task values. "
                 f"Protocol fingerprint: {', '.join(table.protocol_fps)}.")
+        if table.metric.startswith("retention"):
+            counts = {t: max((c[t].n for _, entries in table.blocks for _, c in entries if t in c), default=0)
+                      for t in table.tasks}
+            text += (" Samples with evidence in the prompt (the rest lost it to middle truncation): "
+                     + ", ".join(f"{h} {counts[t]}" for t, h in zip(table.tasks, table.headers)) + ".")
         if table.omitted:
             text += f" Tasks without values (no known evidence) left out: {', '.join(table.omitted)}."
         for note in table.notes:

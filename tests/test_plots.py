@@ -115,6 +115,7 @@ def test_retention_and_overlap_tables():
     assert "| 10% | SnapKV | 60.00 | 60.00 |" in lines
     assert "|  | ChunkKV | **70.00** | **70.00** |" in lines
     assert "left out: MF-zh" in text and "Evidence retention" in text
+    assert "Samples with evidence in the prompt (the rest lost it to middle truncation): PR-zh 2." in text
     # Overlap x100: FullKV has none (no block); no bold (higher is not better); Avg over both tasks.
     text = render_markdown(build_table(make_rows(), metric="overlap"))
     assert "FullKV" not in text.split("\n\n")[0]
