@@ -110,6 +110,7 @@ def plot_score_vs_ratio(table: report.Table, path: Path, title: str) -> Path | N
         return None
     plt = _pyplot()
     reference = _reference(table)
+    ticks = sorted({100 * x for points in series.values() for x, _ in points})
     fig, axes = _grid(plt, len(table.tasks) + 1)
     for ax, (key, header) in zip(axes, _panels(table)):
         for method, points in series.items():
@@ -119,6 +120,7 @@ def plot_score_vs_ratio(table: report.Table, path: Path, title: str) -> Path | N
         if reference is not None and (full := _value(table, reference, key)) is not None:
             ax.axhline(full, color="black", ls="--", lw=1, label="FullKV")
         ax.set_title(header, fontsize=9)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel("KV kept (% of prompt)", fontsize=8)
         ax.set_ylabel("score", fontsize=8)
         ax.tick_params(labelsize=7)
