@@ -172,3 +172,27 @@ def test_engine_records_kept_indices(tiny_llama, tiny_tokenizer):
         assert layer.dtype == torch.int32 and layer.device.type == "cpu"
         assert layer.shape == (tiny_llama.config.num_key_value_heads, k) == (2, 10)
         assert set(range(32, 40)) <= set(layer[0].tolist())  # SnapKV keeps its 8-token observation window
+
+
+def test_run_rows_carry_evidence_and_overlap(tiny_model_dir, tmp_path):
+    """`kvbench run` end to end on a synthetic passkey task with the tiny saved model."""
+    from kvbench import runner, store
+
+    opts = runner.RunOptions(model=str(tiny_model_dir), method="fullkv,streamingllm_prefill,snapkv", ratios=[0.3],
+                             tasks="passkey_en", limit=2, synthetic_length=60, results=tmp_path, device="cpu")
+    runner.run(opts, log=lambda _: None)
+    rows = {(r["method"], r["_id"]): r for r in store.load_all_rows(tmp_path)}
+    assert len(rows) == 6
+    for (method, _), row in rows.items():
+        assert row["evidence_tokens"] > 0  # the needle is in every prompt (nothing truncated)
+        retention = row["evidence_retention"]
+        assert len(retention) == len(row["kept_tokens"]) == 2
+        assert row["evidence_retention_mean"] == pytest.approx(sum(retention) / 2, abs=1e-6)
+        assert row["evidence_retention_min"] == min(retention)
+        if method == "fullkv":
+            assert retention == [1.0, 1.0] and row["layer_overlap"] is None
+        elif method == "streamingllm_prefill":
+            # positional (sinks + recent): the same positions in every layer and head -> Jaccard exactly 1
+            assert row["layer_overlap"] == 1.0
+        else:
+            assert 0 < row["layer_overlap"] <= 1 and all(0 <= v <= 1 for v in retention)
