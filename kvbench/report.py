@@ -315,10 +315,10 @@ def _legend(table: Table) -> str:
     resamples, seed = (first.n_resamples, first.seed) if first else (stats.N_RESAMPLES, 0)
     n = ", ".join(f"{h} {table.ci_n[t]}" for t, h in zip(table.tasks, table.headers) if t in table.ci_n)
     return (f"Cells: score (Δ ±h). Δ = mean paired difference to {display(table.reference[1])} in points on the "
-            f"samples both scored (n per task: {n}; a cell with fewer pairs shows its n); ±h = half-width of the "
-            f"paired bootstrap 95% CI ({resamples:,} resamples, seed {seed}, percentile interval; Avg resampled "
-            f"within each task). ↑/↓ = the CI excludes 0 (a significant gain/loss); † = exact two-sided sign test "
-            f"p < 0.05 (ties dropped).")
+            f"samples both scored (n per task: {n}; a cell with fewer pairs shows its n); Δ ± h contains the paired "
+            f"bootstrap 95% percentile interval (h = its longer arm; {resamples:,} resamples, seed {seed}; Avg "
+            f"resampled within each task). ↑/↓ = Δ ± h excludes 0 (a significant gain/loss); † = exact two-sided "
+            f"sign test p < 0.05 (ties dropped).")
 
 
 METRIC_TEXT = {

@@ -5,6 +5,8 @@
   Differences are in score points (x100), like the table's cells. For the average over tasks, each task's
   pairs are resampled within that task (a stratified bootstrap) and the task means averaged, as the table's
   Avg averages task scores.
+- A table cell shows mean_diff +- h, h the longer arm of the percentile interval about the mean (so the shown
+  interval contains it), and calls the difference significant when that interval excludes 0.
 - Sign test: exact two-sided binomial test on the signs of the differences, ties dropped:
   p = min(1, 2 * P[X <= min(wins, losses)]) with X ~ Binomial(wins + losses, 1/2).
 
@@ -42,12 +44,15 @@ class Paired:
 
     @property
     def half_width(self) -> float:
-        return (self.ci_high - self.ci_low) / 2
+        """The longer arm of the percentile interval about the mean difference: mean_diff +- half_width
+        contains [ci_low, ci_high] (percentile intervals are asymmetric for small n and discrete scores)."""
+        return max(self.mean_diff - self.ci_low, self.ci_high - self.mean_diff, 0.0)
 
     @property
     def significant(self) -> bool:
-        """The bootstrap interval excludes 0."""
-        return self.ci_low > 0 or self.ci_high < 0
+        """mean_diff +- half_width excludes 0: what a table cell shows is what decides (conservative: it
+        implies that the percentile interval excludes 0)."""
+        return abs(self.mean_diff) > self.half_width
 
     @property
     def direction(self) -> int:

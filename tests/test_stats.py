@@ -57,6 +57,18 @@ def test_bootstrap_is_seeded():
     assert a.n_resamples == 10_000 and a.seed == 7
 
 
+def test_half_width_is_the_longer_arm_and_decides_significance():
+    # a: percentile interval [-0.2, 9] about Δ = 4: h = max(4 + 0.2, 9 - 4) = 5; 4 +- 5 includes 0.
+    # b: [0.5, 9] about 4: h = max(3.5, 5) = 5; 4 +- 5 includes 0, so not significant (conservative) even
+    #    though [0.5, 9] itself excludes 0.
+    # c: [-9, -2] about -6: h = max(3, 4) = 4; -6 +- 4 = [-10, -2] excludes 0: a significant loss.
+    a = stats.Paired(n=8, mean_diff=4.0, ci_low=-0.2, ci_high=9.0, wins=3, losses=1, ties=4, sign_p=0.625)
+    b = stats.Paired(n=8, mean_diff=4.0, ci_low=0.5, ci_high=9.0, wins=3, losses=1, ties=4, sign_p=0.625)
+    c = stats.Paired(n=8, mean_diff=-6.0, ci_low=-9.0, ci_high=-2.0, wins=0, losses=5, ties=3, sign_p=0.0625)
+    assert (a.half_width, b.half_width, c.half_width) == (5.0, 5.0, 4.0)
+    assert (a.direction, b.direction, c.direction) == (0, 0, -1)
+
+
 def test_identical_scores_give_a_zero_width_interval():
     result = stats.paired([0.5, 0.25, 1.0], [0.5, 0.25, 1.0], n_resamples=200)
     assert (result.mean_diff, result.ci_low, result.ci_high) == (0.0, 0.0, 0.0)
@@ -143,7 +155,7 @@ def test_markdown_ci_cells_and_legend():
     assert "22.50 (+0.00 ±" in h2o and "↑" not in h2o and "↓" not in h2o and "†" not in h2o
     legend = next(line for line in lines if line.startswith("Cells: score (Δ ±h)"))
     assert "n per task: MF-zh 8" in legend and "10,000" not in legend and "500 resamples" in legend
-    assert "↑/↓ = the CI excludes 0" in legend and "sign test" in legend
+    assert "↑/↓ = Δ ± h excludes 0" in legend and "sign test" in legend
     assert lines.index(legend) > lines.index(snap)  # under the table
     assert table.ci[("r0.1", "snapkv")]["multifieldqa_zh"].sign_p == pytest.approx(2 / 256)
 
