@@ -18,6 +18,20 @@ N_PROMPT = 48
 N_NEW = 24
 
 
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny-model tests run single-threaded: on the shared, oversubscribed 2-core machines two OpenMP threads
+    made one 24-token engine run take ~1 s instead of ~15 ms. The slow real-model test restores the default."""
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(DEFAULT_THREADS)
+
+
 def fullkv_plan() -> Plan:
     return Plan("fullkv", build("fullkv").method, Budget(ratio=1.0))
 
@@ -148,7 +162,11 @@ def test_smollm2_fullkv_equals_hf_generate(smollm2, shared_longbench):
     new = 16
     prompt = Prompt(**{**prompt.__dict__, "max_new_tokens": new})
     engine = Engine(smollm2.model, smollm2.tokenizer)
-    got = engine.run(prompt, [fullkv_plan()]).generations[0].token_ids
-    want = hf_greedy(smollm2.model, list(prompt.ids), new, sorted(prompt.stop_ids), smollm2.tokenizer.pad_token_id)
+    torch.set_num_threads(DEFAULT_THREADS)
+    try:
+        got = engine.run(prompt, [fullkv_plan()]).generations[0].token_ids
+        want = hf_greedy(smollm2.model, list(prompt.ids), new, sorted(prompt.stop_ids), smollm2.tokenizer.pad_token_id)
+    finally:
+        torch.set_num_threads(1)
     assert got == want
     assert len(got) >= 2

@@ -65,6 +65,17 @@ def test_torn_line_that_happens_to_parse_is_still_cut(tmp_path):
     assert [json.loads(line)["_id"] for line in path.read_text().splitlines()] == ["id0", "id1"]
 
 
+def test_complete_json_without_newline_is_not_a_row(tmp_path):
+    # The writer may have written the JSON but not yet its newline: not done until the newline is there.
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row(0)) + "\n" + json.dumps(row(1)), encoding="utf-8")
+    assert [r["_id"] for r in read_rows(path)] == ["id0"]
+    file = ResultFile(path)
+    assert file.open() == {"id0"}
+    file.close()
+    assert path.read_text(encoding="utf-8") == json.dumps(row(0)) + "\n"
+
+
 def test_corrupt_middle_line_is_skipped(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(json.dumps(row(0)).encode() + b"\n\xff\xfe not json\n" + json.dumps(row(1)).encode() + b"\n")
@@ -87,6 +98,20 @@ def test_second_lock_names_the_holder(tmp_path):
     second = FileLock(path)
     second.acquire()  # free again after release
     second.release()
+
+
+def test_check_refuses_a_live_holder_without_creating_anything(tmp_path):
+    path = tmp_path / "r.jsonl"
+    FileLock(path).check()  # no lock yet: fine
+    assert list(tmp_path.iterdir()) == []
+    holder = FileLock(path)
+    holder.acquire()
+    try:
+        with pytest.raises(LockedError, match=str(os.getpid())):
+            FileLock(path).check()
+        FileLock(path, wait=True).check()  # a waiting writer is not refused up front
+    finally:
+        holder.release()
 
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
