@@ -54,6 +54,10 @@ DISPLAY = {
     "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "chunkkv": "ChunkKV", "tova": "TOVA",
     "scissorhands": "Scissorhands", "random": "Random", "sliding": "Sliding window", "sink_recent": "Sink+recent",
     "knorm": "KNorm",
+    # presets (configs/methods.yaml)
+    "streamingllm_prefill": "StreamingLLM (prefill)", "snapkv_official": "SnapKV (official)",
+    "snapkv_kvpress": "SnapKV (kvpress)", "chunkkv_reuse": "ChunkKV (reuse)", "chunkkv_kvpress": "ChunkKV (kvpress)",
+    "knorm_factory": "KNorm (Factory)",
 }
 
 
@@ -209,9 +213,16 @@ def _budget_order(label: str) -> tuple[int, float]:
 
 
 def _method_order(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Table 17's row order (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, ChunkKV), each preset right after
+    its base method (h2o_prefill counts as H2O), then the other methods by name."""
     paper = ["fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"]
-    names = sorted({r["method"] for r in rows})
-    return sorted(names, key=lambda m: (paper.index(m) if m in paper else len(paper), m))
+    base = {r["method"]: r.get("method_base", r["method"]) for r in rows}
+
+    def key(method: str) -> tuple[int, bool, str]:
+        family = base[method].removesuffix("_prefill")
+        return (paper.index(family) if family in paper else len(paper), method != base[method], method)
+
+    return sorted(base, key=key)
 
 
 def _note_unequal_samples(table: Table) -> None:
