@@ -9,12 +9,15 @@ only and the question is fed afterwards through each compressed cache."""
 from __future__ import annotations
 
 import time
+import weakref
 import zlib
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from kvbench import attention, rope
 from kvbench.methods.base import Budget, DecodeContext, LayerDecoder, LayerView, Method, SelectContext
@@ -58,9 +61,70 @@ def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def make_cache(model: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A fresh DynamicCache holding exactly these tensors ([1, H_kv, L, d] each), through the public API."""
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into preallocated buffers instead of `torch.cat`-ing the whole cache at every
+    step (profiled: the cat was about half of a full-cache decode step on CPU, SmolLM2 at 3.5k tokens).
+
+    `keys`/`values` are views `buffer[:, :, :length]` of buffers with room for `reserve` more tokens, growing
+    geometrically (x1.5) when that runs out. The values are exactly DynamicLayer's, only where they live
+    differs, so attention computes the same numbers. Anything that replaces `keys`/`values` from outside
+    (evictions in DecodeObserver, crop) is adopted into a fresh buffer at the next update."""
+
+    def __init__(self, reserve: int = 0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.reserve = max(0, reserve)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _length(self) -> int:
+        return self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
+
+    def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        """Fresh buffers for `capacity` tokens holding the current keys/values (the new states give the
+        batch, head, dim, dtype and device)."""
+        length = self._length()
+
+        def fresh(current: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            out = like.new_empty((*like.shape[:-2], capacity, like.shape[-1]))
+            if length:
+                out[..., :length, :].copy_(current)
+            return out
+
+        self._buffers = (fresh(self.keys, key_states), fresh(self.values, value_states))
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self._length()
+        needed = length + key_states.shape[-2]
+        owned = self._views is not None and self.keys is self._views[0] and self.values is self._views[1]
+        if not owned:  # first update, or keys/values replaced from outside: adopt them
+            self._reallocate(key_states, value_states, needed + self.reserve)
+        elif self._buffers[0].shape[-2] < needed:  # reserve used up: grow geometrically
+            self._reallocate(key_states, value_states, max(needed + self.reserve, needed * 3 // 2))
+        keys, values = self._buffers
+        keys[..., length:needed, :].copy_(key_states)
+        values[..., length:needed, :].copy_(value_states)
+        self.keys, self.values = keys[..., :needed, :], values[..., :needed, :]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def allocated_tokens(self) -> int:
+        """Token slots the buffers hold (>= the cached length)."""
+        return self._buffers[0].shape[-2] if self._buffers is not None else self._length()
+
+    def reset(self) -> None:
+        self._buffers = self._views = None
+        super().reset()
+
+
+def make_cache(model: Any, layers: list[tuple[torch.Tensor, torch.Tensor]], reserve: int = 0) -> DynamicCache:
+    """A fresh DynamicCache holding copies of these tensors ([1, H_kv, L, d] each), through the public API.
+    Plain full-attention layers become GrowingLayers with room for `reserve` more tokens (the decode)."""
     cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     for index, (keys, values) in enumerate(layers):
         cache.update(keys, values, index)
     return cache
@@ -136,6 +200,86 @@ class DecodeObserver:
                 layer.keys = self.rerotator.to_contiguous(layer.keys, keep)
 
 
+# One decode forward for one plan: (input_ids [1, 1], position_ids [1, 1], cache, decode observer or None).
+DecodeRequest = tuple[torch.Tensor, torch.Tensor, DynamicCache, "DecodeObserver | None"]
+
+
+class LayerwiseDecoder:
+    """One decode step for several plans at once, layer by layer: plan after plan runs layer l while that
+    layer's weights are still in the CPU cache, instead of each plan streaming all of the model's weights
+    from memory once per token (profiled on CPU: weight-bound matmuls were ~85% of a compressed-cache decode
+    step; scripts/BENCHMARKS.md P1 gives what this saves). This is not batching: every plan
+    runs exactly the modules, shapes and kernels of its own `model(...)` call, so its tokens do not depend on
+    which other plans share the sweep.
+
+    It calls the model's own submodules (embeddings, rotary embedding, decoder layers, final norm, lm_head)
+    the way a Llama-style `forward` does. `for_model` checks once per model that this reproduces
+    `model(...)`'s logits and cache bit for bit, and returns None (plans then decode one after another) for
+    any model where it does not, or that has no such structure."""
+
+    _checked: "weakref.WeakKeyDictionary[Any, LayerwiseDecoder | None]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: Any):
+        decoder = model.get_decoder()
+        self.embed, self.rotary, self.norm = decoder.embed_tokens, decoder.rotary_emb, decoder.norm
+        self.layers = list(decoder.layers)[: model.config.num_hidden_layers]
+        self.head = model.lm_head
+
+    def forward(self, requests: list[DecodeRequest]) -> tuple[list[torch.Tensor], list[float]]:
+        """Next-token logits for every request, and the seconds spent on each one."""
+        seconds = [0.0] * len(requests)
+        hidden, embeddings = [], []
+        for i, (input_ids, position_ids, _, _) in enumerate(requests):
+            start = time.perf_counter()
+            hidden.append(self.embed(input_ids))
+            embeddings.append(self.rotary(hidden[i], position_ids=position_ids))
+            seconds[i] += time.perf_counter() - start
+        for layer in self.layers:
+            for i, (_, position_ids, cache, observer) in enumerate(requests):
+                start = time.perf_counter()
+                with attention.observing(observer):
+                    hidden[i] = layer(hidden[i], attention_mask=None, position_embeddings=embeddings[i],
+                                      position_ids=position_ids, past_key_values=cache, use_cache=True)
+                seconds[i] += time.perf_counter() - start
+        logits = []
+        for i, state in enumerate(hidden):
+            start = time.perf_counter()
+            logits.append(self.head(self.norm(state)[:, -1:, :])[0, -1])
+            seconds[i] += time.perf_counter() - start
+        return logits, seconds
+
+    @classmethod
+    def for_model(cls, model: Any) -> "LayerwiseDecoder | None":
+        if model not in cls._checked:
+            cls._checked[model] = cls._check(model)
+        return cls._checked[model]
+
+    @classmethod
+    def _check(cls, model: Any) -> "LayerwiseDecoder | None":
+        try:
+            stepper = cls(model)
+        except (AttributeError, TypeError):
+            return None
+        device = next(model.parameters()).device
+        ids = (torch.arange(1, 17, device=device) % model.config.vocab_size)[None]
+        try:
+            with torch.inference_mode():
+                prefill = DynamicCache(config=model.config)
+                model(input_ids=ids, position_ids=torch.arange(16, device=device)[None], past_key_values=prefill,
+                      use_cache=True)
+                want_cache, got_cache = (make_cache(model, cache_layers(prefill), reserve=2) for _ in range(2))
+                token, position = ids[:, 5:6], torch.tensor([[16]], device=device)
+                want = model(input_ids=token, position_ids=position, past_key_values=want_cache, use_cache=True,
+                             logits_to_keep=1).logits[0, -1]
+                got = stepper.forward([(token, position, got_cache, None)])[0][0]
+        except Exception:  # any structure this does not know: decode plans one after another
+            return None
+        same = torch.equal(want, got) and all(
+            torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            for a, b in zip(want_cache.layers, got_cache.layers, strict=True))
+        return stepper if same else None
+
+
 def sample_seed(sample_id: str, seed: int) -> int:
     return zlib.crc32(f"{seed}:{sample_id}".encode())
 
@@ -145,6 +289,9 @@ class Engine:
     model: Any
     tokenizer: Any
     repetition_penalty: float = 1.0  # from the model's generation config, as HF generate applies it
+    # CPU: decode up to this many plans together, layer by layer (LayerwiseDecoder); 1 decodes them one after
+    # another. Tokens are the same either way; wall time and how many compressed caches live at once change.
+    lockstep: int = 6
 
     @property
     def n_layers(self) -> int:
@@ -174,11 +321,60 @@ class Engine:
         run = SampleRun(n_prompt_tokens=n_prompt, n_prefilled=split, prefill_seconds=time.perf_counter() - start)
         full = cache_layers(cache)
         first_logits = out.logits[0, -1] if split == n_prompt else None
-        for plan in plans:
-            run.generations.append(
-                self._generate(plan, prompt, ids, split, full, observer, first_logits, sample_seed(sample_id, seed))
-            )
+        seed = sample_seed(sample_id, seed)
+        stepper = None
+        if self.lockstep > 1 and len(plans) > 1 and prompt.max_new_tokens > 1 and self.device.type == "cpu":
+            stepper = LayerwiseDecoder.for_model(self.model)
+        if stepper is None:
+            for plan in plans:
+                run.generations.append(self._generate(plan, prompt, ids, split, full, observer, first_logits, seed))
+            return run
+        for group in self._lockstep_groups(plans, split):
+            steps = [self._decode(plan, prompt, ids, split, full, observer, first_logits, seed) for plan in group]
+            run.generations.extend(self._drive_lockstep(steps, stepper))
         return run
+
+    def _lockstep_groups(self, plans: list[Plan], n_tokens: int) -> list[list[Plan]]:
+        """Consecutive plans, at most `lockstep` per group and, so that memory stays bounded, compressed caches
+        adding up to at most twice the full prompt cache (sequential decoding holds at most one)."""
+        groups: list[list[Plan]] = []
+        load = 0.0
+        for plan in plans:
+            share = plan.budget.kept(n_tokens) / n_tokens
+            if not groups or len(groups[-1]) >= self.lockstep or load + share > 2.0:
+                groups.append([])
+                load = 0.0
+            groups[-1].append(plan)
+            load += share
+        return groups
+
+    def _drive_lockstep(self, group: list[Generator], stepper: LayerwiseDecoder) -> list[Generation]:
+        """Drive several plans' decodes, one LayerwiseDecoder step for all unfinished ones at a time. Each
+        plan's decode_seconds is its own compute, not the time it spent waiting for the others."""
+        results: list[Generation | None] = [None] * len(group)
+        busy = [0.0] * len(group)
+        pending: dict[int, DecodeRequest] = {}
+
+        def advance(index: int, logits: torch.Tensor | None) -> None:
+            start = time.perf_counter()
+            try:
+                pending[index] = next(group[index]) if logits is None else group[index].send(logits)
+            except StopIteration as done:
+                results[index] = done.value
+                pending.pop(index, None)
+            busy[index] += time.perf_counter() - start
+
+        for index in range(len(group)):
+            advance(index, None)
+        while pending:
+            order = list(pending)
+            logits, seconds = stepper.forward([pending[i] for i in order])
+            for index, row, spent in zip(order, logits, seconds):
+                busy[index] += spent
+                advance(index, row)
+        for generation, spent in zip(results, busy):
+            generation.decode_seconds = spent
+        return results  # type: ignore[return-value]
 
     def _compress(
         self, plan: Plan, full: list[tuple[torch.Tensor, torch.Tensor]], observer: PrefillObserver, seed: int,
@@ -228,6 +424,32 @@ class Engine:
         first_logits: torch.Tensor | None,
         seed: int,
     ) -> Generation:
+        """One plan's compression and greedy decode, its forwards through `model(...)`."""
+        steps = self._decode(plan, prompt, ids, split, full, observer, first_logits, seed)
+        try:
+            request = next(steps)
+            while True:
+                input_ids, position_ids, cache, decode_observer = request
+                with attention.observing(decode_observer):
+                    out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
+                                     use_cache=True, logits_to_keep=1)
+                request = steps.send(out.logits[0, -1])
+        except StopIteration as done:
+            return done.value
+
+    def _decode(
+        self,
+        plan: Plan,
+        prompt: Prompt,
+        ids: torch.Tensor,
+        split: int,
+        full: list[tuple[torch.Tensor, torch.Tensor]],
+        observer: PrefillObserver,
+        first_logits: torch.Tensor | None,
+        seed: int,
+    ) -> Generator[DecodeRequest, torch.Tensor, Generation]:
+        """Compression and greedy decode of one plan as a generator: it yields each single-token forward it
+        needs (DecodeRequest) and is sent back that forward's next-token logits; returns the Generation."""
         start = time.perf_counter()
         kept_indices: list[torch.Tensor] | None = None
         if plan.method.name == "fullkv":
@@ -237,8 +459,9 @@ class Engine:
             layers, decoders = self._compress(plan, full, observer, seed, kept_indices)
         kept = [k.shape[2] for k, _ in layers]
         held = nbytes(layers)
-        cache = make_cache(self.model, layers)
         n_prompt = ids.shape[1]
+        # Room for everything decoding appends (the question with --scope context, then the answer).
+        cache = make_cache(self.model, layers, reserve=n_prompt - split + prompt.max_new_tokens)
         contiguous = plan.method.position_mode == "contiguous"
         rerotator = rope.for_model(self.model) if contiguous and decoders else None
         decode_observer = DecodeObserver(cache, decoders, rerotator) if decoders else None
@@ -273,16 +496,9 @@ class Engine:
             history.append(token)
             if token in prompt.stop_ids or step == prompt.max_new_tokens - 1:
                 break
-            with attention.observing(decode_observer):
-                out = self.model(
-                    input_ids=torch.tensor([[token]], device=self.device),
-                    position_ids=torch.tensor([[position()]], device=self.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+            logits = yield (torch.tensor([[token]], device=self.device),
+                            torch.tensor([[position()]], device=self.device), cache, decode_observer)
             n_seen += 1
-            logits = out.logits[0, -1]
             max_cache = max(max_cache, max(layer.keys.shape[2] for layer in cache.layers))
         self._sync()
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
