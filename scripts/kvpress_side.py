@@ -1,0 +1,138 @@
+"""The kvpress side of the P3 side-by-side. Runs INSIDE .venv-kvpress (scripts/setup_kvpress.sh), never in
+kvbench's environment: kvpress 0.5.5 needs transformers < 5.3.
+
+A worker: it loads the model once, prints one JSON line {"ready": ...}, then answers one JSON request per
+stdin line with one JSON line on stdout (so a benchmark can interleave kvbench and kvpress runs while both
+processes stay loaded). Requests:
+
+  {"op": "run", "context_ids": [...], "question_ids": [...], "max_new_tokens": 32,
+   "presses": [{"name": "snapkv", "compression_ratio": 0.75}, ...], "kept": true}
+      For each press: kvpress's own KVPressTextGenerationPipeline._forward (prefill of the context with the
+      press hooked in, then its greedy generate_answer for the question), timed. With "kept": the kept
+      context positions per layer and KV head, recovered by matching every compressed key row against the
+      keys of an uncompressed prefill of the same ids (exact float equality; kvpress gathers keys without
+      changing them). Not timed.
+  {"op": "quit"}
+
+Token ids come from kvbench (the same ids on both sides); no tokenizer is used for the input.
+Usage: .venv-kvpress/bin/python scripts/kvpress_side.py --model-dir DIR [--threads N] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def build_press(spec: dict):
+    from kvpress import ChunkKVPress, KnormPress, PyramidKVPress, SnapKVPress, StreamingLLMPress, TOVAPress
+
+    name, cr = spec["name"], float(spec["compression_ratio"])
+    if name == "knorm":
+        return KnormPress(compression_ratio=cr)
+    if name == "streamingllm":
+        return StreamingLLMPress(compression_ratio=cr, n_sink=int(spec.get("n_sink", 4)))
+    if name == "snapkv":
+        return SnapKVPress(compression_ratio=cr, window_size=int(spec.get("window_size", 64)),
+                           kernel_size=int(spec.get("kernel_size", 5)))
+    if name == "pyramidkv":
+        return PyramidKVPress(compression_ratio=cr, window_size=int(spec.get("window_size", 64)),
+                              kernel_size=int(spec.get("kernel_size", 5)))
+    if name == "chunkkv":
+        inner = SnapKVPress(compression_ratio=cr, window_size=int(spec.get("window_size", 64)),
+                            kernel_size=int(spec.get("kernel_size", 5)))
+        return ChunkKVPress(press=inner, chunk_length=int(spec.get("chunk_length", 20)))
+    if name == "tova":
+        return TOVAPress(compression_ratio=cr)
+    raise ValueError(f"unknown press {name}")
+
+
+def kept_positions(full_keys: list[torch.Tensor], cache) -> list[list[list[int]]]:
+    """[layer][kv head] -> sorted positions of the kept keys, by exact row equality with the full keys."""
+    out = []
+    for layer_idx, full in enumerate(full_keys):
+        kept = cache.layers[layer_idx].keys[0]  # [H_kv, k, d]
+        per_head = []
+        for head in range(full.shape[1]):
+            rows = {full[0, head, pos].numpy().tobytes(): pos for pos in range(full.shape[2])}
+            if len(rows) != full.shape[2]:
+                raise RuntimeError(f"layer {layer_idx} head {head}: duplicate key rows, positions are ambiguous")
+            positions = []
+            for row in kept[head]:
+                pos = rows.get(row.numpy().tobytes())
+                if pos is None:
+                    raise RuntimeError(f"layer {layer_idx} head {head}: a kept key matches no full key")
+                positions.append(pos)
+            per_head.append(sorted(positions))
+        out.append(per_head)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import importlib.metadata as md
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+    from kvpress.pipeline import KVPressTextGenerationPipeline
+
+    transformers.utils.logging.set_verbosity_error()
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device="cpu")
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    versions = {n: md.version(n) for n in ("kvpress", "torch", "transformers")}
+    print(json.dumps({"ready": True, "versions": versions, "attn": model.config._attn_implementation,
+                      "threads": torch.get_num_threads()}), flush=True)
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("op") == "quit":
+            break
+        context = torch.tensor([request["context_ids"]])
+        question = torch.tensor([request["question_ids"]])
+        full_keys = None
+        if request.get("kept"):
+            cache = DynamicCache()
+            with torch.inference_mode():
+                model.model(input_ids=context, past_key_values=cache)
+            full_keys = [layer.keys.clone() for layer in cache.layers]
+        results = []
+        for spec in request["presses"]:
+            press = build_press(spec)
+            cache = DynamicCache()
+            calls[0] = 0
+            start = time.perf_counter()
+            with torch.inference_mode():
+                answers = pipe._forward({"context_ids": context, "questions_ids": [question]},
+                                        max_new_tokens=int(request["max_new_tokens"]), press=press, cache=cache)
+            seconds = time.perf_counter() - start
+            result = {"press": spec, "seconds": seconds, "answer": answers[0],
+                      "generated_tokens": calls[0],  # one question forward + one per later token = tokens made
+                      "kept_per_layer": [layer.keys.shape[2] for layer in cache.layers]}
+            if full_keys is not None:
+                result["kept"] = kept_positions(full_keys, cache)
+            results.append(result)
+        print(json.dumps({"results": results}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
