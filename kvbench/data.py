@@ -99,7 +99,7 @@ def load_task_specs() -> dict[str, TaskSpec]:
         specs[name] = _task_from_entry(name, entry, synthetic=False)
     for name in longbench.get("longbench_e", []):
         base = specs[name]
-        specs[f"{name}_e"] = TaskSpec(**{**base.__dict__, "name": f"{name}_e", "longbench_e": True})
+        specs[f"{name}_e"] = TaskSpec(**{**base.__dict__, "name": f"{name}_e", "short": f"{base.short}-E", "longbench_e": True})
     synthetic = resources.load_yaml(resources.tasks_path("synthetic.yaml"))
     for name, entry in synthetic["tasks"].items():
         specs[name] = _task_from_entry(name, entry, synthetic=True)
