@@ -253,6 +253,9 @@ def p1(args: argparse.Namespace) -> None:
     variants = {"fullkv": fullkv_plans(), "sweep": sweep}
     if args.also_sequential:
         variants["sequential"] = sweep  # the same sweep with plans decoded one after another
+    if args.compare_methods:
+        variants["other"] = make_plans(args.compare_methods, args.ratios)
+        print(f"   also timed: a sweep of {len(variants['other'])} plans ({args.compare_methods} x {args.ratios})")
     totals = {name: Clock() for name in variants}
     naive_total, ratios, decode_share = Clock(), [], []
     compress = [Clock()]  # time in Engine._compress (selection + gathering the kept keys/values) of the sweeps
@@ -290,11 +293,15 @@ def p1(args: argparse.Namespace) -> None:
                       f"{ratios[-1]:.2f}x (wall {secs['sweep'].wall / secs['fullkv'].wall:.2f}x), naive "
                       f"{naive.get() / secs['fullkv'].get():.1f}x", flush=True)
     total = totals["sweep"].get() / totals["fullkv"].get()
-    n_sweeps = args.repeats * len(items) * (2 if "sequential" in variants else 1)
+    n_sweeps = args.repeats * len(items) * (len(variants) - 1)
     print(f"   compression (select + gather, all plans) per sweep: {compress[0] * (1 / n_sweeps)}")
     print(f"   decode share of the sweep: median {100 * med(decode_share):.0f}%; per-sample ratio median "
           f"{med(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}); on wall time "
           f"{totals['sweep'].wall / totals['fullkv'].wall:.2f}x")
+    if "other" in totals:
+        print(f"   sweep of {args.compare_methods} x {args.ratios} / FullKV: "
+              f"{totals['other'].get() / totals['fullkv'].get():.2f}x (wall "
+              f"{totals['other'].wall / totals['fullkv'].wall:.2f}x)")
     if "sequential" in totals:
         print(f"   sweep with plans decoded one at a time / FullKV: "
               f"{totals['sequential'].get() / totals['fullkv'].get():.2f}x; layer-by-layer lockstep saves "
@@ -692,6 +699,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default=P1_METHODS, help="P1 sweep methods")
+    parser.add_argument("--compare-methods", default=None, help="P1: also time a sweep of these methods")
     parser.add_argument("--ratios", type=ratio_list, default=None, help="P1: 0.1,0.2,0.3; P4: 0.05 ... 1.0")
     parser.add_argument("--method", default="snapkv", help="P4 method")
     parser.add_argument("--new-tokens", type=int, default=64, help="P4 decode length")
