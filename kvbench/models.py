@@ -183,7 +183,11 @@ def ensure_converted(gguf: Path) -> tuple[Path, str]:
     stat = gguf.stat()
     if stamp.is_file():
         info = json.loads(stamp.read_text())
-        if info.get("size") == stat.st_size and info.get("mtime_ns") == stat.st_mtime_ns:
+        # The same file installed elsewhere (another virtualenv, a reinstall) has another path and mtime but
+        # the same bytes: compare the content hash then, so two installs never take turns re-converting.
+        if info.get("size") == stat.st_size and (
+            info.get("mtime_ns") == stat.st_mtime_ns or _file_sha256(gguf) == info.get("sha256")
+        ):
             return target, info["sha256"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
