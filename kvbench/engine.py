@@ -63,7 +63,9 @@ def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer that appends into preallocated buffers instead of `torch.cat`-ing the whole cache at every
-    step (profiled: the cat was about half of a full-cache decode step on CPU, SmolLM2 at 3.5k tokens).
+    step. Profiled on CPU, SmolLM2, full cache of 3.5k tokens, one thread: the cat costs ~3% of a decode step
+    on a quiet core and up to half of it when other processes saturate memory bandwidth; it grows with the
+    cache (scripts/BENCHMARKS.md, P2 and P4 notes).
 
     `keys`/`values` are views `buffer[:, :, :length]` of buffers with room for `reserve` more tokens, growing
     geometrically (x1.5) when that runs out. The values are exactly DynamicLayer's, only where they live
@@ -207,10 +209,10 @@ DecodeRequest = tuple[torch.Tensor, torch.Tensor, DynamicCache, "DecodeObserver 
 class LayerwiseDecoder:
     """One decode step for several plans at once, layer by layer: plan after plan runs layer l while that
     layer's weights are still in the CPU cache, instead of each plan streaming all of the model's weights
-    from memory once per token (profiled on CPU: weight-bound matmuls were ~85% of a compressed-cache decode
-    step; scripts/BENCHMARKS.md P1 gives what this saves). This is not batching: every plan
-    runs exactly the modules, shapes and kernels of its own `model(...)` call, so its tokens do not depend on
-    which other plans share the sweep.
+    from memory once per token (profiled on CPU: matmuls are ~85% of a compressed-cache decode step; on our
+    2-core machine this saved ~15% of the decode time of an 18-plan sweep, scripts/BENCHMARKS.md P1). This is
+    not batching: every plan runs exactly the modules, shapes and kernels of its own `model(...)` call, so its
+    tokens do not depend on which other plans share the sweep.
 
     It calls the model's own submodules (embeddings, rotary embedding, decoder layers, final norm, lm_head)
     the way a Llama-style `forward` does. `for_model` checks once per model that this reproduces
