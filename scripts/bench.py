@@ -390,9 +390,9 @@ class KvpressWorker:
         return json.loads(line)
 
     def run(self, context_ids: list[int], question_ids: list[int], presses: list[dict], max_new_tokens: int,
-            kept: bool) -> list[dict]:
+            kept: bool, stop_ids: list[int] | None = None) -> list[dict]:
         request = {"op": "run", "context_ids": context_ids, "question_ids": question_ids, "presses": presses,
-                   "max_new_tokens": max_new_tokens, "kept": kept}
+                   "max_new_tokens": max_new_tokens, "kept": kept, "stop_ids": stop_ids}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self._read()["results"]
@@ -542,7 +542,8 @@ def p3(args: argparse.Namespace) -> None:
                     else:
                         results = worker.run(context, question, [{**KVPRESS_EQUIVALENT[m], "compression_ratio": cr}
                                                                  for m in sweep_methods for cr in crs],
-                                             item.prompt.max_new_tokens, kept=False)
+                                             item.prompt.max_new_tokens, kept=False,
+                                             stop_ids=sorted(item.prompt.stop_ids))  # the same stopping rule
                         secs[1] = Clock(sum(r["seconds"] for r in results), sum(r["cpu_seconds"] for r in results))
                         theirs_tok = sum(r["generated_tokens"] for r in results)
                     totals[v] += secs[v]

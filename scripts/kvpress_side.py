@@ -5,7 +5,7 @@ A worker: it loads the model once, prints one JSON line {"ready": ...}, then ans
 stdin line with one JSON line on stdout (so a benchmark can interleave kvbench and kvpress runs while both
 processes stay loaded). Requests:
 
-  {"op": "run", "context_ids": [...], "question_ids": [...], "max_new_tokens": 32,
+  {"op": "run", "context_ids": [...], "question_ids": [...], "max_new_tokens": 32, "stop_ids": [2, ...],
    "presses": [{"name": "snapkv", "compression_ratio": 0.75}, ...], "kept": true}
       For each press: kvpress's own KVPressTextGenerationPipeline._forward (prefill of the context with the
       press hooked in, then its greedy generate_answer for the question), timed on the wall clock and on
@@ -116,6 +116,11 @@ def main() -> None:
             with torch.inference_mode():
                 model.model(input_ids=context, past_key_values=cache)
             full_keys = [layer.keys.clone() for layer in cache.layers]
+        # Stop tokens: kvpress's generate_answer stops on generation_config.eos_token_id (a list is allowed);
+        # the caller passes its own (kvbench's: the model's end tokens, plus newline for samsum).
+        eos = model.generation_config.eos_token_id
+        if request.get("stop_ids"):
+            model.generation_config.eos_token_id = list(request["stop_ids"])
         results = []
         for spec in request["presses"]:
             press = build_press(spec)
@@ -132,6 +137,7 @@ def main() -> None:
             if full_keys is not None:
                 result["kept"] = kept_positions(full_keys, cache)
             results.append(result)
+        model.generation_config.eos_token_id = eos
         print(json.dumps({"results": results}), flush=True)
 
 
