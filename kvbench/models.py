@@ -144,7 +144,8 @@ class LoadedModel:
     stop_ids: frozenset[int] = field(default_factory=frozenset)
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read in 4 MiB blocks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -186,12 +187,12 @@ def ensure_converted(gguf: Path) -> tuple[Path, str]:
         # The same file installed elsewhere (another virtualenv, a reinstall) has another path and mtime but
         # the same bytes: compare the content hash then, so two installs never take turns re-converting.
         if info.get("size") == stat.st_size and (
-            info.get("mtime_ns") == stat.st_mtime_ns or _file_sha256(gguf) == info.get("sha256")
+            info.get("mtime_ns") == stat.st_mtime_ns or file_sha256(gguf) == info.get("sha256")
         ):
             return target, info["sha256"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sha = _file_sha256(gguf)
+    sha = file_sha256(gguf)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -225,7 +226,7 @@ def weights_location(spec: ModelSpec) -> tuple[str | Path, str, bool]:
         return folder, f"gguf-sha256:{sha[:16]}", True
     if spec.local_dir:
         config = spec.local_dir / "config.json"
-        return spec.local_dir, f"dir-config-sha256:{_file_sha256(config)[:16]}", True
+        return spec.local_dir, f"dir-config-sha256:{file_sha256(config)[:16]}", True
     return spec.hf_id, f"hf:{spec.hf_id}", False  # type: ignore[return-value]
 
 
