@@ -301,6 +301,26 @@ def test_h2o_prefill_matches_reference(h_q, h_kv, how):
         assert_same_choice(keep[h, :-w].tolist(), ref_topk(ref[h], kept - w), ref[h], tol=1e-5)
 
 
+@pytest.mark.parametrize("h_q,h_kv", GQA)
+@pytest.mark.parametrize("tq", [50, 23])  # all queries, or the last 23 of 50 (a query suffix: causal offset)
+def test_column_sums_blocked_match_dense_reference(h_q, h_kv, tq):
+    t = 50
+    full = rand_view(h_q, h_kv, t, seed=h_q + tq)
+    view = LayerView(0, 1, full.query[:, -tq:, :], full.keys, full.values, full.scaling)
+    g = h_q // h_kv
+    logits = torch.einsum("hqd,hkd->hqk", view.query.double(), view.keys.double().repeat_interleave(g, 0))
+    rows = torch.arange(t - tq, t)[:, None]
+    logits = (logits * view.scaling).masked_fill(torch.arange(t)[None, :] > rows, float("-inf"))
+    ref = torch.softmax(logits, dim=-1).sum(dim=1)
+    for block in (7, 16, 512):  # blocks that end mid-sequence see only their visible keys
+        fresh = LayerView(0, 1, view.query, view.keys, view.values, view.scaling)
+        got = fresh.column_sums(block=block)
+        assert got.shape == (h_q, t) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # each query's row sums to one, so the columns sum to the number of queries
+    torch.testing.assert_close(got.sum(dim=1), torch.full((h_q,), float(tq)), rtol=1e-5, atol=1e-4)
+
+
 # ---- Random ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("share", ["layer_shared", "per_head"])
 def test_random_matches_documented_draw(share):
