@@ -1094,6 +1094,23 @@ def _plt():
     return plt
 
 
+def _log_axes(ax: Any, xlabel: str, title: str, ylabel: str | None = None) -> None:
+    """Log-log axes, labels and a small legend: the frame every sensitivity figure shares."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def figure_f1(path: Path, model: str, a: dict[str, Any]) -> None:
     plt = _plt()
     s = a.get("sliding")
@@ -1120,15 +1137,8 @@ def figure_f1(path: Path, model: str, a: dict[str, Any]) -> None:
             ax.plot(xx, np.clip(yy, 1e-12, None), "--", color="C2",
                     label=f"exponential lambda={s['lambda']:.3g} (err {_fmt(s['err_exp'], '.2f')} dec)")
         ax.set_ylim(max(1e-6, np.nanmin(m) / 20), np.nanmax(m) * 3)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("kept window w (tokens)")
-    ax.set_ylabel("mean KL(P_full || Q_w) (nats)")
-    ax.set_title(f"F1 truncation sensitivity, {model}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _log_axes(ax, "kept window w (tokens)", f"F1 truncation sensitivity, {model}", "mean KL(P_full || Q_w) (nats)")
+    _save(fig, path)
 
 
 def figure_f2(path: Path, model: str, a: dict[str, Any]) -> None:
@@ -1146,15 +1156,8 @@ def figure_f2(path: Path, model: str, a: dict[str, Any]) -> None:
         ax.plot(x, e["mean"], style, color=color, ms=4, label=f"{policy} ({apply}{', ' + mode if apply == 'M1' else ''})")
         if "ci_lo" in e and apply == "M1":
             ax.fill_between(x, e["ci_lo"], e["ci_hi"], color=color, alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("budget B (kept tokens, x_t included)")
-    ax.set_ylabel("mean KL (nats)")
-    ax.set_title(f"F2 policies at equal budget, {model}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _log_axes(ax, "budget B (kept tokens, x_t included)", f"F2 policies at equal budget, {model}", "mean KL (nats)")
+    _save(fig, path)
 
 
 def figure_f3(path: Path, model: str, a: dict[str, Any]) -> None:
@@ -1166,16 +1169,10 @@ def figure_f3(path: Path, model: str, a: dict[str, Any]) -> None:
             e = a["curves"].get(f"M1/{policy}/{mode}")
             if e:
                 ax.plot(e["B"], e["mean"], style, ms=4, mfc="none" if mode == "original" else None, label=mode)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(policy)
-        ax.set_xlabel("B")
-        ax.legend(fontsize=7)
+        _log_axes(ax, "B", policy)
     axes[0][0].set_ylabel("mean KL (nats)")
     fig.suptitle(f"F3 position-preserving ablation, {model}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_outputs(out_dir: Path, model: str, rows: Sequence[dict[str, Any]] | None, a: dict[str, Any],
