@@ -78,13 +78,10 @@ class GrowingLayer(DynamicLayer):
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _length(self) -> int:
-        return self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
-
     def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
         """Fresh buffers for `capacity` tokens holding the current keys/values (the new states give the
         batch, head, dim, dtype and device)."""
-        length = self._length()
+        length = self.get_seq_length()
 
         def fresh(current: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             out = like.new_empty((*like.shape[:-2], capacity, like.shape[-1]))
@@ -99,7 +96,7 @@ class GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self._length()
+        length = self.get_seq_length()
         needed = length + key_states.shape[-2]
         owned = self._views is not None and self.keys is self._views[0] and self.values is self._views[1]
         if not owned:  # first update, or keys/values replaced from outside: adopt them
@@ -112,10 +109,6 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = keys[..., :needed, :], values[..., :needed, :]
         self._views = (self.keys, self.values)
         return self.keys, self.values
-
-    def allocated_tokens(self) -> int:
-        """Token slots the buffers hold (>= the cached length)."""
-        return self._buffers[0].shape[-2] if self._buffers is not None else self._length()
 
     def reset(self) -> None:
         self._buffers = self._views = None
