@@ -153,38 +153,6 @@ class SensitivityResult:
         return "\n".join(lines)
 
 
-def parse_int_list(text: str, what: str = "--windows") -> tuple[int, ...]:
-    """'1,2,4,8' -> (1, 2, 4, 8), sorted and deduplicated; every value a positive integer."""
-    values = []
-    for part in (p.strip() for p in str(text).split(",")):
-        if not part:
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise InputError(f"{what}: '{part}' is not an integer") from None
-        if value <= 0:
-            raise InputError(f"{what}: values must be positive, got {value}")
-        values.append(value)
-    if not values:
-        raise InputError(f"{what} is empty")
-    return tuple(sorted(set(values)))
-
-
-def parse_fit_range(text: str) -> tuple[int, int]:
-    """'8,256' or '8:256' -> (8, 256)."""
-    parts = [p for p in str(text).replace(":", ",").split(",") if p.strip()]
-    if len(parts) != 2:
-        raise InputError(f"--fit-range must be LO,HI, got '{text}'")
-    try:
-        lo, hi = int(parts[0]), int(parts[1])
-    except ValueError:
-        raise InputError(f"--fit-range must be two integers, got '{text}'") from None
-    if not 0 < lo < hi:
-        raise InputError(f"--fit-range needs 0 < LO < HI, got {lo},{hi}")
-    return lo, hi
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Measures
 # ---------------------------------------------------------------------------------------------------------
