@@ -190,7 +190,7 @@ class ResultFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         self._cut_torn_tail()
-        return {row["_id"] for row in read_rows(self.path)}
+        return self.done()
 
     def _cut_torn_tail(self) -> None:
         if not self.path.exists():
