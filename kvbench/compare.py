@@ -141,9 +141,7 @@ def compare_dirs(base_dir: Path, new_dir: Path) -> Comparison:
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value:+.2f}" if signed else f"{value:.2f}"
+    return f"{value:+.2f}" if signed and value is not None else report._fmt(value)
 
 
 def _task_label(task: str, specs: dict) -> str:
