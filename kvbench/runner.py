@@ -156,8 +156,8 @@ def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
     return {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
 
 
-def dtype_name(opts: RunOptions, spec: models.ModelSpec, device: str | None = None) -> str:
-    resolved = models.resolve_device(device or opts.device)
+def dtype_name(opts: RunOptions, spec: models.ModelSpec, device: str) -> str:
+    resolved = models.resolve_device(device)
     return str(models.resolve_dtype(spec.dtype if opts.dtype == "auto" else opts.dtype, resolved)).replace("torch.", "")
 
 
