@@ -28,3 +28,7 @@ def test_same_bytes_elsewhere_reuse_the_conversion(tmp_path, monkeypatch):
     os.utime(second, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     # A real conversion would need transformers and a real GGUF; reaching it would raise on these fake bytes.
     assert models.ensure_converted(second) == (target, sha)
+    # the stamp now names the second install, so asking again (a run asks twice) reads no weights
+    monkeypatch.setattr(models, "file_sha256", lambda path: (_ for _ in ()).throw(AssertionError("hashed again")))
+    assert models.ensure_converted(second) == (target, sha)
+    assert json.loads((target / "kvbench-source.json").read_text())["gguf"] == str(second)
