@@ -25,8 +25,11 @@ from kvbench.errors import InputError
 class Cell:
     score: float  # task score, round(100 * mean, 2)
     n: int
-    ids: frozenset[str]
     values: dict[str, float] = field(default_factory=dict)  # per sample id (0..1), for paired statistics
+
+    @property
+    def ids(self) -> frozenset[str]:
+        return frozenset(self.values)
 
 
 @dataclass
@@ -132,7 +135,6 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         cells[(budget, method)][task] = Cell(
             score=scoring.task_score([float(r[field_name]) for r in valued]),
             n=len(valued),
-            ids=frozenset(r["_id"] for r in valued),
             values={r["_id"]: float(r[field_name]) for r in valued},
         )
     omitted = [t for t in present if not any(t in c for c in cells.values())]
@@ -262,11 +264,8 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
             values = [c[t].score if t in c else None for t in table.tasks] + [averages[i]]
             marks = [len(entries) > 1 and v is not None and v == b and table.metric != "overlap"
                      for v, b in zip(values, best)]
-            if table.reference is not None:
-                pairs = table.ci.get((budget, method), {})
-                texts = [_fmt_ci(v, pairs.get(t), table.ci_n.get(t)) for v, t in zip(values, [*table.tasks, "Avg"])]
-            else:
-                texts = [_fmt(v) for v in values]
+            pairs = table.ci.get((budget, method), {})  # empty unless add_ci ran: plain values then
+            texts = [_fmt_ci(v, pairs.get(t), table.ci_n.get(t)) for v, t in zip(values, [*table.tasks, "Avg"])]
             body.append([budget_title(budget) if i == 0 else "", display(method), *texts])
             bold.append([False, False, *marks])
     return header, body, bold
@@ -333,33 +332,30 @@ def _legend(table: Table) -> str:
 
 
 METRIC_TEXT = {
+    "score": "Scores: LongBench official metrics, task score = round(100 x mean, 2); Avg = plain mean of the task "
+             "scores.",
     "retention": "Evidence retention x 100: per sample, the fraction of (KV head, evidence token) pairs kept right "
                  "after compression, averaged over layers; mean over samples. Evidence: the gold paragraph "
-                 "(passage retrieval) or the needles (synthetic); FullKV keeps all of it.",
+                 "(passage retrieval) or the needles (synthetic); FullKV keeps all of it. Avg = plain mean of the "
+                 "task values.",
     "retention_min": "Evidence retention x 100, worst layer: per sample, the minimum over layers of the fraction "
-                     "of (KV head, evidence token) pairs kept right after compression; mean over samples.",
+                     "of (KV head, evidence token) pairs kept right after compression; mean over samples. Avg = "
+                     "plain mean of the task values.",
     "overlap": "Cross-layer overlap x 100: per sample, the Jaccard similarity of the kept index sets of adjacent "
                "layers (per KV head, averaged over heads and layer pairs; the ChunkKV paper's Table 2 measure); "
-               "mean over samples. FullKV evicts nothing and has none.",
+               "mean over samples. FullKV evicts nothing and has none. Avg = plain mean of the task values.",
 }
 
 
 def _footer(table: Table) -> str:
-    if table.metric != "score":
-        text = (f"{METRIC_TEXT[table.metric]} Avg = plain mean of the task values. "
-                f"Protocol fingerprint: {', '.join(table.protocol_fps)}.")
-        if table.metric.startswith("retention"):
-            counts = {t: max((c[t].n for _, entries in table.blocks for _, c in entries if t in c), default=0)
-                      for t in table.tasks}
-            text += (" Samples with evidence in the prompt (the rest lost it to middle truncation): "
-                     + ", ".join(f"{h} {counts[t]}" for t, h in zip(table.tasks, table.headers)) + ".")
-        if table.omitted:
-            text += f" Tasks without values (no known evidence) left out: {', '.join(table.omitted)}."
-        for note in table.notes:
-            text += f" Note: {note}."
-        return text
-    text = (f"Scores: LongBench official metrics, task score = round(100 x mean, 2); Avg = plain mean of the task "
-            f"scores. Protocol fingerprint: {', '.join(table.protocol_fps)}.")
+    text = f"{METRIC_TEXT[table.metric]} Protocol fingerprint: {', '.join(table.protocol_fps)}."
+    if table.metric.startswith("retention"):
+        counts = {t: max((c[t].n for _, entries in table.blocks for _, c in entries if t in c), default=0)
+                  for t in table.tasks}
+        text += (" Samples with evidence in the prompt (the rest lost it to middle truncation): "
+                 + ", ".join(f"{h} {counts[t]}" for t, h in zip(table.tasks, table.headers)) + ".")
+    if table.omitted:  # only metrics that some tasks lack: the runner gives every row a score
+        text += f" Tasks without values (no known evidence) left out: {', '.join(table.omitted)}."
     for note in table.notes:
         text += f" Note: {note}."
     return text
