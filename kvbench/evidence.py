@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kvbench.data import Sample, TaskSpec
-from kvbench.prompts import Prompt
+from kvbench.prompts import Prompt, template_halves
 
 PASSAGE_LABELS = {"passage_retrieval_en": "Paragraph", "passage_retrieval_zh": "段落"}
 
@@ -68,9 +68,8 @@ def char_spans(task: TaskSpec, sample: Sample) -> tuple[tuple[int, int], ...] | 
 
 def context_offset(task: TaskSpec, sample: Sample) -> int | None:
     """Where {context} starts in the filled template (prompts.fill)."""
-    if "{context}" not in task.prompt:
-        return None
-    return len(task.prompt.split("{context}", 1)[0].format(input=sample.input))
+    halves = template_halves(task)
+    return None if halves is None else len(halves[0].format(input=sample.input))
 
 
 def token_positions(spans: Sequence[tuple[int, int]], prompt: Prompt, filled_offset: int = 0) -> tuple[int, ...]:

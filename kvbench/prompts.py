@@ -106,11 +106,18 @@ def encode_final(text: str, tokenizer: Any, templated: bool) -> tuple[list[int],
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
+def template_halves(task: TaskSpec) -> tuple[str, str] | None:
+    """The template before and after {context}, still to be filled with the sample's input; None without one."""
+    if "{context}" not in task.prompt:
+        return None
+    before, after = task.prompt.split("{context}", 1)
+    return before, after
+
+
 def question_suffix(task: TaskSpec, sample: Sample) -> str:
     """The text after {context} in the filled template: the question and the answer cue."""
-    if "{context}" not in task.prompt:
-        return ""
-    return task.prompt.split("{context}", 1)[1].format(input=sample.input)
+    halves = template_halves(task)
+    return "" if halves is None else halves[1].format(input=sample.input)
 
 
 def find_question_start(text: str, offsets: list[tuple[int, int]], suffix: str) -> int:
