@@ -87,6 +87,7 @@ def _grouped(rows: list[dict[str, Any]], side: str, root: Path) -> tuple[str, di
     groups: dict[Key, dict[str, Any]] = defaultdict(lambda: {"configs": set(), "scores": {}})
     for row in rows:
         group = groups[(row["method"], row["budget"], row["task"])]
+        group["method_base"] = row.get("method_base", row["method"])  # presets sort after their base, as in tables
         group["configs"].add(row["config_fp"])
         group["scores"][row["_id"]] = float(row["score"])
     for (method, budget, task), group in groups.items():
@@ -106,7 +107,8 @@ def compare_dirs(base_dir: Path, new_dir: Path) -> Comparison:
         )
     specs = load_task_specs()
     task_order = {name: i for i, name in enumerate(specs)}
-    method_order = {m: i for i, m in enumerate(report._method_order([{"method": k[0]} for k in [*base, *new]]))}
+    methods = [{"method": k[0], "method_base": g["method_base"]} for k, g in [*base.items(), *new.items()]]
+    method_order = {m: i for i, m in enumerate(report._method_order(methods))}
 
     def order(key: Key) -> tuple:
         return (report._budget_order(key[1]), method_order[key[0]], task_order.get(key[2], len(task_order)), key[2])
