@@ -553,13 +553,13 @@ def test_compare_identical_sets_pass(tmp_path, capsys):
 
 def test_compare_orders_methods_as_tables_do(tmp_path, capsys):
     preset = [{**r, "method_base": "snapkv"} for r in fake_rows(SCORES, "snapkv_official")]
-    rows = fake_rows(SCORES, "tova") + preset + fake_rows(SCORES) + fake_rows(SCORES, "h2o")
+    rows = fake_rows(SCORES, "scissorhands") + preset + fake_rows(SCORES) + fake_rows(SCORES, "h2o")
     base = write_rows(tmp_path / "base", rows)
     code, out, _ = cli(["compare", str(base), str(base), "--format", "md"], capsys)
     assert code == 0
     methods = [line.split(" | ")[0].lstrip("| ") for line in out.splitlines() if "| MF-en |" in line]
     # Table 17's order, a preset right after its base method, then the rest by name (report._method_order)
-    assert methods == ["H2O", "SnapKV", "SnapKV (official)", "TOVA"], methods
+    assert methods == ["H2O", "SnapKV", "SnapKV (official)", "Scissorhands"], methods
 
 
 def test_compare_fails_when_one_task_drops_past_the_threshold(tmp_path, capsys):
