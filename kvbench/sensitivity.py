@@ -263,7 +263,6 @@ class Context:
 
 def reencode_divergences(
     model: Any, contexts: Sequence[Context], ref_logp: torch.Tensor, batch_tokens: int = 8192,
-    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """[n, 3] (KL, reverse KL, TV) for every context, forwarding contexts of equal length together (at most
     batch_tokens tokens per forward). Identical contexts with the same reference are computed once."""
@@ -290,8 +289,6 @@ def reencode_divergences(
             for row, first in zip(div, chunk):
                 for j in owners[first]:
                     out[j] = row
-            if on_batch:
-                on_batch(len(chunk) * length)
     return out
 
 
@@ -305,11 +302,6 @@ class Eviction:
     ref: int
 
 
-def _gather_layer(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """tensor [1, H, N, d], index [H, k] -> [H, k, d]."""
-    return torch.gather(tensor[0], 1, index[:, :, None].expand(-1, -1, tensor.shape[-1]))
-
-
 @torch.inference_mode()
 def evict_divergences(
     model: Any, cache: Any, ids: Sequence[int], evictions: Sequence[Eviction], ref_logp: torch.Tensor,
@@ -318,6 +310,8 @@ def evict_divergences(
     """M2: keep the full pass's cached K/V at the given prefix positions, run x_t (ids[t-1]) as the query at its
     original position t-1, and compare with the full-context distribution. Returns [n, 3]."""
     from transformers import DynamicCache
+
+    from kvbench.engine import gather_tokens
 
     device = _device(model)
     layers = cache.layers
@@ -349,8 +343,8 @@ def evict_divergences(
                     raise ValueError("M2 batching needs the same kept length in every layer (pass batch of 1)")
                 pruned = DynamicCache(config=model.config)
                 for layer in range(n_layers):
-                    k = torch.stack([_gather_layer(layers[layer].keys, index_lists[i][layer]) for i in chunk])
-                    v = torch.stack([_gather_layer(layers[layer].values, index_lists[i][layer]) for i in chunk])
+                    k = torch.cat([gather_tokens(layers[layer].keys, index_lists[i][layer]) for i in chunk])
+                    v = torch.cat([gather_tokens(layers[layer].values, index_lists[i][layer]) for i in chunk])
                     pruned.update(k, v, layer)
                 mask = torch.ones(len(chunk), sizes[0] + 1, dtype=torch.long, device=device)
                 logits = model(input_ids=query, position_ids=qpos, attention_mask=mask, past_key_values=pruned,
@@ -375,20 +369,36 @@ class QKVRecorder:
         self.layers[module.layer_idx] = (query[0], key[0], value[0], float(module.scaling))
 
 
-def method_kept(method: Any, recorder: QKVRecorder, n_prefix: int, kept: int, seed: int) -> list[torch.Tensor]:
-    """A registered method's prefill-time selection for the prefix x_1..x_{n_prefix}: [H_kv, k] per layer."""
-    from kvbench.methods.base import LayerView, SelectContext
+def method_scores(method: Any, recorder: QKVRecorder, n_prefix: int) -> list[torch.Tensor | None]:
+    """A registered method's per-layer scores of the prefix x_1..x_{n_prefix}: budget-independent, so one
+    computation serves every budget (as in the engine)."""
+    from kvbench.methods.base import LayerView
 
+    if method.scorer_key() is None:
+        return [None] * len(recorder.layers)
     n_layers = len(recorder.layers)
-    out, previous = [], None
+    out = []
     for layer in range(n_layers):
         q, k, v, scaling = recorder.layers[layer]
         view = LayerView(layer=layer, n_layers=n_layers, query=q[:, :n_prefix], keys=k[:, :n_prefix],
                          values=v[:, :n_prefix], scaling=scaling, max_window=method.window())
-        scores = method.score(view) if method.scorer_key() is not None else None
+        out.append(method.score(view))
+    return out
+
+
+def method_kept(method: Any, recorder: QKVRecorder, n_prefix: int, kept: int, seed: int,
+                scores: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """A registered method's prefill-time selection for the prefix x_1..x_{n_prefix}, given its
+    `method_scores`: [H_kv, k] per layer."""
+    from kvbench.methods.base import SelectContext
+
+    n_layers = len(recorder.layers)
+    out, previous = [], None
+    for layer in range(n_layers):
+        q, k, _, _ = recorder.layers[layer]
         ctx = SelectContext(layer=layer, n_layers=n_layers, n_tokens=n_prefix, kept=min(kept, n_prefix),
-                            scores=scores, keys=k[:, :n_prefix], n_kv_heads=k.shape[0], group=q.shape[0] // k.shape[0],
-                            previous=previous, seed=seed)
+                            scores=scores[layer], keys=k[:, :n_prefix], n_kv_heads=k.shape[0],
+                            group=q.shape[0] // k.shape[0], previous=previous, seed=seed)
         keep = method.select(ctx)
         previous = keep
         out.append(keep.long())
@@ -416,7 +426,7 @@ class MeasureConfig:
 
 def measure_document(
     model: Any, ids: Sequence[int], ts: Sequence[int], cfg: MeasureConfig, doc_id: str = "doc",
-    base_row: dict[str, Any] | None = None, on_tokens: Callable[[int], None] | None = None,
+    base_row: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """All measurements of one document at query positions ts, as kl_raw rows."""
     ts = sorted(int(t) for t in ts)
@@ -463,21 +473,24 @@ def measure_document(
                 m2_meta.append({**common, "pos_mode": "original", "apply_mode": "M2"})
         if need_m2 and cfg.methods:
             for label, method in cfg.methods.items():
+                scores = None
                 for b in cfg.windows:
                     if b < 2 or b > t or not _budget_ok(cfg, label, b):
                         continue
+                    if scores is None:  # only where some budget is measured
+                        scores = method_scores(method, recorder, t - 1)  # type: ignore[arg-type]
                     seed = derive_seed(cfg.base_seed, doc_id, t, b, 1)
-                    per_layer = method_kept(method, recorder, t - 1, b - 1, seed)  # type: ignore[arg-type]
+                    per_layer = method_kept(method, recorder, t - 1, b - 1, seed, scores)  # type: ignore[arg-type]
                     evictions.append(Eviction(t, per_layer, ref))
                     m2_meta.append({
                         "t": t, "policy": label, "B": b, "s": 0, "bos_prepend": cfg.bos_prepend, "seed": None,
                         "rng_seed": seed, "n_kept": int(max(k.shape[1] for k in per_layer)) + 1,
-                        "kept_digest": hashlib.sha256(b"".join(k.cpu().numpy().tobytes() for k in per_layer)).hexdigest()[:12],
+                        "kept_digest": kept_digest(np.concatenate([k.cpu().numpy().ravel() for k in per_layer])),
                         "pos_mode": "original", "apply_mode": "M2",
                     })
     rows: list[dict[str, Any]] = []
     if contexts:
-        div = reencode_divergences(model, contexts, ref_logp, cfg.batch_tokens, on_batch=on_tokens)
+        div = reencode_divergences(model, contexts, ref_logp, cfg.batch_tokens)
         rows.extend(_rows(base, doc_id, meta, div))
     if evictions:
         builtin = [i for i, e in enumerate(evictions) if isinstance(e.kept, np.ndarray)]
