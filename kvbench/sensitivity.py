@@ -722,6 +722,15 @@ def analyse(rows: Sequence[dict[str, Any]], docs: Sequence[str], fit_range: tupl
         return c.budgets - sink if policy == "sink_recent" else c.budgets.astype(float)
 
     boots: dict[tuple, np.ndarray] = {}
+    fitted_boots: dict[tuple, list[float | None]] = {}
+
+    def boot_alphas(key: tuple) -> list[float | None]:
+        """The power-law exponent of each bootstrap row of a curve, fitted once for every result that uses it."""
+        if key not in fitted_boots:
+            x = x_of(key[1], curves[key])
+            fitted_boots[key] = [(f.rate if (f := fit_power(x, row, lo, hi)) else None) for row in boots[key]]
+        return fitted_boots[key]
+
     for key, c in curves.items():
         entry: dict[str, Any] = {"B": c.budgets.tolist(), "mean": c.mean.tolist(), "median": c.median.tolist(),
                                  "n": c.counts.sum(0).astype(int).tolist()}
@@ -736,8 +745,7 @@ def analyse(rows: Sequence[dict[str, Any]], docs: Sequence[str], fit_range: tupl
         entry["C"] = pw.C if pw else None
         entry["r2_pow"] = pw.r2 if pw else None
         if idx is not None and pw is not None:
-            alphas = [(f.rate if (f := fit_power(x, row, lo, hi)) else None) for row in boots[key]]
-            entry["alpha_ci"] = _ci(alphas)
+            entry["alpha_ci"] = _ci(boot_alphas(key))
         out["curves"]["/".join(key)] = entry
 
     # ---- primary: sliding window, re-encoded (M1), primary position mode
@@ -802,15 +810,10 @@ def analyse(rows: Sequence[dict[str, Any]], docs: Sequence[str], fit_range: tupl
         a = out.get("sliding", {}).get("alpha")
         res_sr["delta"] = (res_sr["alpha_sr"] - a) if (res_sr["alpha_sr"] is not None and a is not None) else None
         if idx is not None:
-            bs, bm = boots[("M1", "sink_recent", PRIMARY_POS_MODE)], boots[key]
-            xm = main.budgets.astype(float)
-            deltas, alphas_sr = [], []
-            for row_sr, row_m in zip(bs, bm):
-                f1, f2 = fit_power(x_sr, row_sr, lo, hi), fit_power(xm, row_m, lo, hi)
-                alphas_sr.append(f1.rate if f1 else None)
-                deltas.append((f1.rate - f2.rate) if (f1 and f2) else None)
+            alphas_sr, alphas_m = boot_alphas(("M1", "sink_recent", PRIMARY_POS_MODE)), boot_alphas(key)
             res_sr["alpha_sr_ci"] = _ci(alphas_sr)
-            res_sr["delta_ci"] = _ci(deltas)
+            res_sr["delta_ci"] = _ci([a1 - a2 if a1 is not None and a2 is not None else None
+                                      for a1, a2 in zip(alphas_sr, alphas_m)])
         out["sink_recent"] = res_sr
 
     # ---- position ablation: alpha per mode and the largest gap between the modes' curves
