@@ -339,8 +339,11 @@ def evict_divergences(
                 logits = model(input_ids=query, position_ids=qpos, attention_mask=torch.ones_like(query),
                                use_cache=False, logits_to_keep=1).logits[:, -1]
             else:
-                if min(sizes) != max(sizes):
-                    raise ValueError("M2 batching needs the same kept length in every layer (pass batch of 1)")
+                # Rows are grouped by their per-layer lengths, so a batch needs no padding. Layers of different
+                # lengths (PyramidKV) need kvbench's attention, whose causal mask follows each layer's own length;
+                # the 2-D mask below has layer 0's length, the one transformers builds its mask from.
+                if min(sizes) != max(sizes) and getattr(model.config, "_attn_implementation", "") != "kvbench":
+                    raise ValueError("M2 with per-layer kept lengths needs kvbench's attention (kvbench.attention.install)")
                 pruned = DynamicCache(config=model.config)
                 for layer in range(n_layers):
                     k = torch.cat([gather_tokens(layers[layer].keys, index_lists[i][layer]) for i in chunk])
@@ -498,7 +501,7 @@ def measure_document(
         div = np.full((len(evictions), 3), np.nan)
         if builtin:
             div[builtin] = evict_divergences(model, cache, ids, [evictions[i] for i in builtin], ref_logp, cfg.batch_tokens)
-        for i in custom:  # per-layer kept lengths may differ: one at a time
+        for i in custom:  # one at a time, as they were measured before M2 accepted uneven layers
             div[i] = evict_divergences(model, cache, ids, [evictions[i]], ref_logp, cfg.batch_tokens)[0]
         rows.extend(_rows(base, doc_id, m2_meta, div))
     return rows

@@ -232,3 +232,48 @@ def test_prefill_then_evict_with_registered_methods():
         assert m2[("snapkv", b)]["n_kept"] == b
     assert abs(m2[("snapkv", 100)]["kl_fwd"]) < 1e-6  # the whole prefix kept
     assert m2[("sliding", 8)]["kl_fwd"] > 1e-3
+
+
+def test_m2_with_uneven_layer_budgets_matches_masked_full_attention():
+    """PyramidKV keeps a different number of tokens in each layer. Its M2 divergence must equal the one of a plain
+    causal forward over x_1..x_t in which, in every layer, the last query sees only that layer's kept prefix
+    positions (per KV head) and itself: masking instead of gathering, an independent construction."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kvbench import attention
+    from kvbench.methods import build
+
+    model = make_model(layers=3, seed=4)
+    attention.install(model)
+    doc = [int(x) for x in np.random.default_rng(5).integers(0, 128, 300)]
+    t, budget, method = 250, 32, build("pyramidkv").method
+    cfg = S.MeasureConfig(windows=(budget,), policies=(), apply_modes=("M2",), methods={"pyramidkv": method})
+    (row,) = S.measure_document(model, doc, [t], cfg, doc_id="d")
+
+    recorder = S.QKVRecorder()
+    S.full_pass(model, doc, [t], observer=recorder)
+    kept = S.method_kept(method, recorder, t - 1, budget - 1, 0, S.method_scores(method, recorder, t - 1))
+    assert len({k.shape[1] for k in kept}) > 1, "the layers must keep different numbers of tokens"
+
+    def masked(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        kwargs.pop("is_causal", None)
+        n, h_q = key.shape[2], query.shape[1]
+        group = h_q // key.shape[1]
+        allow = torch.ones(n, n, dtype=torch.bool).tril()[None, None].repeat(1, h_q, 1, 1)
+        allow[0, :, n - 1, :] = False
+        allow[0, :, n - 1, n - 1] = True
+        for head in range(h_q):
+            allow[0, head, n - 1, kept[module.layer_idx][head // group]] = True
+        return sdpa_attention_forward(module, query, key, value, allow, dropout, scaling, is_causal=False, **kwargs)
+
+    AttentionInterface.register("kvbench_test_masked", masked)
+    reference = make_model(layers=3, seed=4)
+    reference.set_attn_implementation("kvbench_test_masked")
+    with torch.no_grad():
+        logq = torch.log_softmax(reference(input_ids=torch.tensor([doc[:t]])).logits[0, -1].float(), -1)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([doc[:t]])).logits[0, -1].float(), -1)
+    kl, rkl, tv = S.divergences(logp[None], logq[None])[0].tolist()
+    assert row["kl_fwd"] > 1e-3  # evicting changed the prediction, so the comparison below means something
+    assert row["kl_fwd"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    assert row["tv"] == pytest.approx(tv, rel=1e-4, abs=1e-6)
