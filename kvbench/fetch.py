@@ -158,7 +158,8 @@ def _stamp_ok(target: Path, recipe: Recipe) -> bool:
 
 def _write_stamp(target: Path, recipe: Recipe) -> None:
     stat = target.stat()
-    write_atomic(_stamp_path(target), json.dumps({"sha256": recipe.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    stamp = {"sha256": recipe.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    write_atomic(_stamp_path(target), json.dumps(stamp))
 
 
 @contextmanager
