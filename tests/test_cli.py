@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvbench import cli
-from kvbench.store import load_all_rows
+from kvbench.results.store import load_all_rows
 
 # ---- user errors: in-process (a subprocess costs ~10 s of imports on the shared 2-core machines) -----------------
 BAD_RUNS = {

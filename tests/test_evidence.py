@@ -176,7 +176,8 @@ def test_engine_records_kept_indices(tiny_llama, tiny_tokenizer):
 
 def test_run_rows_carry_evidence_and_overlap(tiny_model_dir, tmp_path):
     """`kvbench run` end to end on a synthetic passkey task with the tiny saved model."""
-    from kvbench import runner, store
+    from kvbench import runner
+    from kvbench.results import store
 
     opts = runner.RunOptions(model=str(tiny_model_dir), method="fullkv,streamingllm_prefill,snapkv", ratios=[0.3],
                              tasks="passkey_en", limit=2, synthetic_length=60, results=tmp_path, device="cpu")

@@ -15,9 +15,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import kvbench.attention
-from kvbench import rope
-from kvbench.engine import Engine, Plan
+import kvbench.engine.attention
+from kvbench.engine import Engine, Plan, rope
 from kvbench.methods import build
 from kvbench.methods.base import Budget, DecodeContext, LayerView, SelectContext
 from kvbench.prompts import Prompt
@@ -295,7 +294,7 @@ def small_llama(layers: int = 4, **extra):
     config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512, **extra)
     model = LlamaForCausalLM(config).eval()
-    kvbench.attention.install(model)
+    kvbench.engine.attention.install(model)
     return model
 
 
@@ -304,7 +303,7 @@ def small_qwen2(layers: int = 2):
     config = Qwen2Config(vocab_size=128, hidden_size=112, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512)
     model = Qwen2ForCausalLM(config).eval()
-    kvbench.attention.install(model)
+    kvbench.engine.attention.install(model)
     return model
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from kvbench import attention
+from kvbench.engine import attention
 from kvbench.errors import InputError
 from kvbench.engine import Engine, Plan, PrefillObserver, cache_layers, make_cache, sample_seed
 from kvbench.methods import build

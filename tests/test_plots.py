@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from kvbench import plots  # noqa: E402
+from kvbench.results import plots  # noqa: E402
 from kvbench.errors import InputError  # noqa: E402
-from kvbench.report import build_table, render_markdown  # noqa: E402
+from kvbench.results.report import build_table, render_markdown  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

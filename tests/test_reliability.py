@@ -28,7 +28,7 @@ import pytest
 import torch
 from conftest import RUN_TASK, save_tiny_model_dir, write_task_data
 
-from kvbench import store
+from kvbench.results import store
 
 ROW_FIELDS = ("_id", "task", "model", "method", "budget", "scope", "prediction", "score", "kept_tokens",
               "generated_tokens", "prompt_tokens", "protocol_fp", "task_fp", "config_fp")

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from kvbench.errors import InputError
-from kvbench.report import build_table, render, render_csv, render_latex, render_markdown
+from kvbench.results.report import build_table, render, render_csv, render_latex, render_markdown
 
 PROTOCOL = "proto123abcd"
 

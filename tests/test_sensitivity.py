@@ -216,7 +216,7 @@ def test_small_study_writes_every_output(model, tmp_path):
 def test_prefill_then_evict_with_registered_methods():
     """M2 through the method registry: the registry's sliding window must give exactly the built-in M2 sliding
     numbers (two independent constructions of the same kept cache), and an attention-scored method runs."""
-    from kvbench import attention
+    from kvbench.engine import attention
     from kvbench.methods import build
 
     model = make_model(layers=2, seed=4)
@@ -241,7 +241,7 @@ def test_m2_with_uneven_layer_budgets_matches_masked_full_attention():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kvbench import attention
+    from kvbench.engine import attention
     from kvbench.methods import build
 
     model = make_model(layers=3, seed=4)

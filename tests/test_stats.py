@@ -1,4 +1,4 @@
-"""Paired statistics (kvbench.stats) and the `table --ci` cells built on them. Synthetic paired data with a
+"""Paired statistics (kvbench.results.stats) and the `table --ci` cells built on them. Synthetic paired data with a
 known difference; sign-test values computed by hand in the comments."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from kvbench import stats
+from kvbench.results import stats
 from kvbench.errors import InputError
-from kvbench.report import add_ci, build_table, render_latex, render_markdown
+from kvbench.results.report import add_ci, build_table, render_latex, render_markdown
 
 
 def known_difference(n: int, effect: float, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

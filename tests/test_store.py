@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from kvbench.errors import InputError
-from kvbench.store import FileLock, LockedError, ResultFile, Shard, load_all_rows, read_rows, result_path
+from kvbench.results.store import FileLock, LockedError, ResultFile, Shard, load_all_rows, read_rows, result_path
 
 
 def row(i: int, **extra) -> dict:

@@ -11,7 +11,7 @@ nominal per-layer budget (window included), w the window, L layers, l the layer 
 
 Branches: T < C keeps everything; C <= T < 2 (C - w) is uniform SnapKV (C - w + w per layer); otherwise the
 pyramid. Because `steps` is floored the mean kept length is slightly above C (757.5 for C = 750, T = 7500,
-32 layers). Layers keep different numbers of tokens; the engine and kvbench.attention handle uneven lengths.
+32 layers). Layers keep different numbers of tokens; the engine and kvbench.engine.attention handle uneven lengths.
 With C <= w every layer keeps the last C tokens (as SnapKV). A one-layer model (where the official code
 divides by L - 1 = 0) is uniform SnapKV."""
 

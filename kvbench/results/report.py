@@ -4,7 +4,7 @@ task scores, recomputed), the best cell of each column in bold within a budget b
 and the protocol fingerprint under the table. Rows of different fingerprints are never mixed in a cell.
 
 Options: `metric` tabulates another per-row field with the same layout (evidence retention, cross-layer
-overlap; see kvbench.evidence); `add_ci` adds paired statistics against FullKV (kvbench.stats) to every cell,
+overlap; see kvbench.evidence); `add_ci` adds paired statistics against FullKV (kvbench.results.stats) to every cell,
 computed on the samples both scored, with a legend line under the table."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbench import scoring, stats
+from kvbench import scoring
+from kvbench.results import stats
 from kvbench.data import TaskSpec, load_task_specs
 from kvbench.errors import InputError
 

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvbench import attention, rope
+from kvbench.engine import attention, rope
 from kvbench.methods.base import Budget, DecodeContext, LayerDecoder, LayerView, Method, SelectContext
 from kvbench.prompts import Prompt
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench import report, scoring, store
+from kvbench import scoring
+from kvbench.results import report, store
 from kvbench.data import load_task_specs
 from kvbench.errors import InputError
 

@@ -7,7 +7,7 @@
 - kl_vs_budget.png: for sensitivity results (every `kl_raw.jsonl` under the results directory), the mean
   KL(P_full || Q) vs the budget per policy (and position mode), log-log, one panel per model.
 
-Scores come from kvbench.report.build_table, so a figure never mixes what a table would refuse to mix. With
+Scores come from kvbench.results.report.build_table, so a figure never mixes what a table would refuse to mix. With
 several models in the results, each model's figures get the model's name as a prefix."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbench import report, store
+from kvbench.results import report, store
 from kvbench.errors import InputError
 
 DPI = 110
