@@ -6,8 +6,9 @@ A method is a dataclass whose fields are its hyper-parameters. The engine calls 
    every budget of a run). It returns budget-independent per-token scores, or None for positional methods.
    Methods whose `scorer_key()` is equal share one score computation.
 2. `select(ctx)` once per layer and budget, after the prefill: the indices of the prompt tokens to keep,
-   shape [H_kv, k] (k may differ between layers, never between heads of one layer). The engine gathers
-   them into new, smaller cache tensors.
+   shape [H_kv, k] (k may differ between layers), or a `Selection` when heads of one layer keep different
+   numbers of tokens (Ada-KV, HeadKV, DuoAttention). The engine gathers them into new, smaller cache tensors
+   (per-head lengths are padded to the layer's longest head and masked in kvbench's attention function).
 3. For continuous methods, `decoder(ctx)` returns a per-layer state whose `step(...)` runs after every
    later attention call (question tokens with --scope context, each generated token) and may evict more.
 """
@@ -55,6 +56,62 @@ class Budget:
     @property
     def is_full(self) -> bool:
         return self.ratio == 1.0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The prompt positions one layer keeps when its heads keep different numbers of tokens.
+
+    indices [H, k_max] (long); row h holds its kept positions in ascending order in its first lengths[h]
+    entries. Entries past lengths[h] are padding: any valid position, never attended to (the engine masks
+    them) and never counted as kept. A plain [H, k] tensor from `select` means every length is k."""
+
+    indices: torch.Tensor
+    lengths: torch.Tensor  # [H] long, 0 <= lengths[h] <= k_max
+
+    @classmethod
+    def uniform(cls, indices: torch.Tensor) -> "Selection":
+        heads, k = indices.shape
+        return cls(indices, torch.full((heads,), k, dtype=torch.long, device=indices.device))
+
+    @classmethod
+    def from_rows(cls, rows: list[torch.Tensor]) -> "Selection":
+        """One ascending index tensor per head (any lengths) -> a padded Selection (padding repeats position 0)."""
+        k_max = max((len(r) for r in rows), default=0)
+        device = rows[0].device if rows else None
+        indices = torch.zeros(len(rows), k_max, dtype=torch.long, device=device)
+        for h, row in enumerate(rows):
+            indices[h, : len(row)] = row
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+        return cls(indices, lengths)
+
+    @classmethod
+    def of(cls, selected: "torch.Tensor | Selection") -> "Selection":
+        return selected if isinstance(selected, Selection) else cls.uniform(selected)
+
+    @property
+    def is_uniform(self) -> bool:
+        return bool((self.lengths == self.indices.shape[-1]).all())
+
+    @property
+    def n_heads(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def k_max(self) -> int:
+        return self.indices.shape[-1]
+
+    @property
+    def n_entries(self) -> int:
+        """(head, token) entries kept: what the cache really holds, padding excluded."""
+        return int(self.lengths.sum())
+
+    def rows(self) -> list[torch.Tensor]:
+        return [self.indices[h, : int(n)] for h, n in enumerate(self.lengths)]
+
+    def valid(self) -> torch.Tensor:
+        """[H, k_max] bool: which entries are kept (not padding)."""
+        return torch.arange(self.k_max, device=self.indices.device)[None, :] < self.lengths[:, None]
 
 
 @dataclass
@@ -191,7 +248,7 @@ class Method:
     def score(self, view: LayerView) -> torch.Tensor | None:
         return None
 
-    def select(self, ctx: SelectContext) -> torch.Tensor:
+    def select(self, ctx: SelectContext) -> "torch.Tensor | Selection":
         raise NotImplementedError
 
     def decoder(self, ctx: DecodeContext) -> LayerDecoder | None:
