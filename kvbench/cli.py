@@ -85,6 +85,12 @@ def run(
     synthetic_length: int = typer.Option(2000, help="length of synthetic contexts (words en / characters zh)"),
     seed: int = typer.Option(0, help="seed for random methods"),
     hub_revision: Optional[str] = typer.Option(None, help="THUDM/LongBench dataset revision (commit) for --data hub"),
+    decode: str = typer.Option("batched", help="batched: the plans of a sample share each decode forward (fast; "
+                               "last bits may differ from one plan alone) | sequential: one plan at a time (exact "
+                               "reproduction of a single row)"),
+    prefill_chunk: int = typer.Option(0, help="prefill in chunks of this many tokens (32k-128k prompts); 0: one piece"),
+    device_map: Optional[str] = typer.Option(None, help="auto: spread a model larger than one GPU over every visible "
+                                             "GPU (accelerate); default: the whole model on --device"),
 ) -> None:
     """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
     from kvbench import data as data_mod, runner
@@ -96,6 +102,7 @@ def run(
         gqa_reduce=gqa_reduce, method_args=runner.parse_method_args(method_arg), max_length=max_length,
         shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
         synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
+        decode=decode, prefill_chunk=prefill_chunk, device_map=device_map,
     )
     runner.run(opts, log=_err, progress=Progress())
 

@@ -315,10 +315,12 @@ def preflight(spec: ModelSpec, trust_remote_code: bool = False) -> Preflight:
 
 def load_model(
     spec: ModelSpec, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-    pre: Preflight | None = None,
+    pre: Preflight | None = None, device_map: str | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer, put the model in eval mode on the device, and set kvbench's attention.
-    `pre` (from preflight) saves loading config and tokenizer twice."""
+    `pre` (from preflight) saves loading config and tokenizer twice. `device_map="auto"` spreads a model larger
+    than one GPU over every visible GPU (and the CPU) through accelerate; the engine then feeds inputs to the
+    first layer's device and every cache layer lives where its decoder layer runs."""
     from transformers import AutoModelForCausalLM
 
     from kvbench.engine import attention
@@ -327,6 +329,8 @@ def load_model(
     torch_dtype = resolve_dtype(spec.dtype if dtype == "auto" else dtype, dev)
     pre = pre or preflight(spec, trust_remote_code)
     kwargs: dict[str, Any] = {"config": pre.config, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = _local_first(lambda local: AutoModelForCausalLM.from_pretrained(
             pre.location, local_files_only=local, **kwargs), pre.local_only)
@@ -335,7 +339,10 @@ def load_model(
     identity = pre.identity
     if spec.hf_id and not pre.local_only:
         identity = f"hf:{spec.hf_id}@{_hf_revision(spec.hf_id) or 'unknown'}"
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = next(model.parameters()).device
     model.eval()
     attention.install(model)
     loaded = LoadedModel(model=model, tokenizer=pre.tokenizer, spec=spec, device=dev, dtype=torch_dtype, identity=identity)

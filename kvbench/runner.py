@@ -18,7 +18,7 @@ from typing import Any
 from kvbench import __version__, data, evidence, methods, models, prompts, scoring
 from kvbench.results import store
 from kvbench.data import HUB_REVISION, Sample, TaskSpec
-from kvbench.engine import Engine, Generation, Plan
+from kvbench.engine import DECODE_MODES, Engine, Generation, Plan
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
 from kvbench.results.store import ResultFile, Shard, digest
@@ -51,6 +51,9 @@ class RunOptions:
     synthetic_length: int = 2000
     seed: int = 0
     hub_revision: str = HUB_REVISION
+    decode: str = "batched"  # batched | sequential (engine.DECODE_MODES)
+    prefill_chunk: int = 0  # > 0: prefill in chunks of this many tokens
+    device_map: str | None = None  # "auto": spread the model over every visible GPU (accelerate)
 
 
 @dataclass
@@ -138,11 +141,12 @@ def build_plans(opts: RunOptions) -> list[Plan]:
     return plans
 
 
-def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str) -> dict[str, Any]:
+def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str, decode: str = "sequential",
+                    prefill_chunk: int = 0) -> dict[str, Any]:
     """Everything outside the task and the method that changes a score."""
     from kvbench import metrics
 
-    return {
+    fields = {
         "model_identity": identity,
         "max_length": spec.max_length,
         "chat": spec.chat,
@@ -151,6 +155,13 @@ def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str) -> dict[s
         "metrics": metrics.METRICS_VERSION,
         "engine": ENGINE_VERSION,
     }
+    # Sequential decoding of an unchunked prefill computes exactly what engine-v1 computed, so those rows keep
+    # engine-v1's fingerprint (and stay comparable and resumable); anything else can move the last bits.
+    if decode != "sequential":
+        fields["decode"] = decode
+    if prefill_chunk:
+        fields["prefill_chunk"] = prefill_chunk
+    return fields
 
 
 def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
@@ -220,7 +231,8 @@ def score_generation(task: TaskSpec, sample: Sample, prediction: str) -> float:
 
 
 def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Prompt, run_id: str,
-             model_name: str, protocol_fp: str, prefill_seconds: float, scope: str, prefilled: int) -> dict[str, Any]:
+             model_name: str, protocol_fp: str, prefill_seconds: float, scope: str, prefilled: int,
+             peak_memory_bytes: int | None = None) -> dict[str, Any]:
     plan = gen.plan
     return {
         "_id": sample.id,
@@ -244,13 +256,16 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         "kept_tokens": gen.kept_per_layer,
         "kept_tokens_mean": sum(gen.kept_per_layer) / len(gen.kept_per_layer),
         "cache_bytes": gen.cache_bytes,
+        "cache_bytes_allocated": gen.cache_bytes_allocated,
         "full_cache_bytes": gen.full_cache_bytes,
         "max_cache_tokens": gen.max_cache_tokens,
         # evidence_tokens, evidence_retention (per layer), _mean, _min, layer_overlap: see results/README.md
         **evidence.row_fields(target.task, sample, prompt, gen.kept_indices, gen.kept_per_layer, prefilled),
         "generated_tokens": len(gen.token_ids),
+        "decode": gen.decode,
         "prefill_seconds": round(prefill_seconds, 4),
         "decode_seconds": round(gen.decode_seconds, 4),
+        "peak_memory_bytes": peak_memory_bytes,
         "protocol_fp": protocol_fp,
         "task_fp": target.task_fp,
         "config_fp": target.config_fp,
@@ -264,6 +279,12 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
         raise InputError(f"--limit must be >= 0, got {opts.limit}")
     if opts.scope not in SCOPES:
         raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got '{opts.scope}'")
+    if opts.decode not in DECODE_MODES:
+        raise InputError(f"--decode must be one of {', '.join(DECODE_MODES)}, got '{opts.decode}'")
+    if opts.prefill_chunk < 0:
+        raise InputError(f"--prefill-chunk must be a number of tokens >= 0 (0: no chunking), got {opts.prefill_chunk}")
+    if opts.device_map not in (None, "auto"):
+        raise InputError(f"--device-map must be auto, got '{opts.device_map}'")
     if opts.data not in ("auto", "hub", "local"):
         raise InputError(f"--data must be auto, hub or local, got '{opts.data}'")
     if opts.data == "local" and opts.data_dir is None:
@@ -295,7 +316,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     device = rank_device(opts.device)
     dtype = dtype_name(opts, spec, device)
     identity = models.model_identity(spec)
-    protocol = protocol_fields(spec, identity, dtype)
+    protocol = protocol_fields(spec, identity, dtype, opts.decode, opts.prefill_chunk)
     protocol_fp = digest(protocol)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
@@ -332,7 +353,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             for sample, _ in pending.get(task.name, []):
                 prompts.build_prompt(task, sample, pre.tokenizer, None, spec.chat, frozenset(), max_positions)
     log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")
-    loaded = models.load_model(spec, device, dtype, opts.trust_remote_code, pre)
+    loaded = models.load_model(spec, device, dtype, opts.trust_remote_code, pre, opts.device_map)
     summary.model_loaded = True
 
     # ---- 4. take the locks, repair torn tails, and look again (another process may have written meanwhile) ----
@@ -364,7 +385,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
         store.write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
         summary.manifest = manifest_path
         gen_config = getattr(loaded.model, "generation_config", None)
-        engine = Engine(loaded.model, loaded.tokenizer, float(getattr(gen_config, "repetition_penalty", None) or 1.0))
+        engine = Engine(loaded.model, loaded.tokenizer, float(getattr(gen_config, "repetition_penalty", None) or 1.0),
+                        decode=opts.decode, prefill_chunk=opts.prefill_chunk)
         if progress is not None:
             progress.start(total)
         for task in runnable:
@@ -375,7 +397,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
                 summary.prefills += 1
                 for target, gen in zip(missing, result.generations):
                     row = make_row(target, sample, gen, prompt, run_id, spec.name, protocol_fp,
-                                   result.prefill_seconds, opts.scope, result.n_prefilled)
+                                   result.prefill_seconds, opts.scope, result.n_prefilled, result.peak_memory_bytes)
                     target.file.append(row)
                     summary.rows_written += 1
                     summary.decodes += 1

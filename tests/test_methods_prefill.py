@@ -17,6 +17,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 from kvbench.engine import attention
 from kvbench.errors import InputError
 from kvbench.engine import Engine, Plan, PrefillObserver, cache_layers, make_cache, sample_seed
+from kvbench.engine.compress import compress
 from kvbench.methods import build
 from kvbench.methods.base import Budget, LayerView, SelectContext
 from kvbench.methods.chunkkv import ChunkKV
@@ -474,12 +475,12 @@ def test_e2e_pyramid_uneven_cache_decodes_with_true_positions(e2e):
     prompt = e2e_prompt()
     ids = torch.tensor([prompt.ids])
     plan = Plan("pyramidkv", build("pyramidkv").method, Budget(ratio=0.1))
-    engine = Engine(model, StubTokenizer())
     observer = PrefillObserver([plan.method], 4)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), attention.observing(observer):
         first = model(input_ids=ids, position_ids=torch.arange(T_E2E)[None], past_key_values=cache).logits[0, -1]
-    layers, _ = engine._compress(plan, cache_layers(cache), observer, sample_seed("s0", 0))
+    compressed = compress(model, plan, cache_layers(cache), observer.scores, sample_seed("s0", 0))
+    layers = [(kept.keys[None], kept.values[None]) for kept in compressed.layers]
     assert sorted({k.shape[2] for k, _ in layers}) == [11, 49, 87, 125]
 
     new = torch.tensor([[5, 17, 99, 3, 64]])

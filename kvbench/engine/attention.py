@@ -1,9 +1,14 @@
 """kvbench's attention function, registered through transformers' public AttentionInterface.
 
-It computes exactly what the model's sdpa path computes, with two additions:
+It computes exactly what the model's sdpa path computes, with three additions:
 - a causal mask aligned to the *bottom right* built from this layer's own key length, so layers whose caches
   hold different numbers of tokens (PyramidKV) decode correctly: transformers builds its mask from layer 0's
   length, and a registered function is handed no mask at all;
+- while a kvbench decode cache is active (`decoding(cache)`), the per-(plan, head) validity mask of this
+  layer's RaggedLayer (kvbench.engine.cache): padded entries of heads or plans that keep fewer tokens get no
+  attention. A layer whose rows all have one length asks for no mask, so the arithmetic is then the plain
+  sdpa path's, bit for bit; a cache stored per query head (as many K/V heads as query heads) is attended
+  without repeating it again;
 - a hook for observers: the active observer (a context variable) sees each layer's post-RoPE queries and the
   layer's full keys/values, which is all that attention-based scorers need, for any RoPE decoder that
   dispatches through the interface (Llama, Qwen2, Mistral, ...), without re-implementing projections.
@@ -28,7 +33,14 @@ class AttentionObserver(Protocol):
         """Called once per layer and forward, after the layer's attention output is computed."""
 
 
+class MaskedCache(Protocol):
+    """What attention needs from a decode cache: per layer, a validity mask for the newest q tokens."""
+
+    layers: list[Any]
+
+
 _ACTIVE: ContextVar[AttentionObserver | None] = ContextVar("kvbench_attention_observer", default=None)
+_CACHE: ContextVar[MaskedCache | None] = ContextVar("kvbench_decode_cache", default=None)
 
 
 @contextmanager
@@ -38,6 +50,16 @@ def observing(observer: AttentionObserver | None) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+@contextmanager
+def decoding(cache: MaskedCache | None) -> Iterator[None]:
+    """Forwards inside this block attend through `cache`'s per-(plan, head) validity masks."""
+    token = _CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
 
 
 def bottom_right_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -57,7 +79,19 @@ def kvbench_attention(
 ) -> tuple[torch.Tensor, None]:
     kwargs.pop("is_causal", None)
     q_len, kv_len = query.shape[2], key.shape[2]
-    if 1 < q_len < kv_len:
+    cache = _CACHE.get()
+    mask = cache.layers[module.layer_idx].attention_mask(q_len, query.shape[1]) if cache is not None else None
+    if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
+        # A cache stored per query head: sdpa_attention_forward would repeat it by the group size again.
+        if mask is None and 1 < q_len < kv_len:
+            mask = bottom_right_causal_mask(q_len, kv_len, query.device)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+            is_causal=mask is None and q_len == kv_len and q_len > 1)
+        out = (out.transpose(1, 2).contiguous(), None)
+    elif mask is not None:
+        out = sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal=False, **kwargs)
+    elif 1 < q_len < kv_len:
         mask = bottom_right_causal_mask(q_len, kv_len, query.device)
         out = sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal=False, **kwargs)
     else:

@@ -119,6 +119,8 @@ class LayerView:
     """One layer's prefill attention as the scorers see it (batch size 1, batch dim dropped).
 
     query: [H_q, T_q, d] post-RoPE queries of this forward; keys/values: [H_kv, T, d] (the prompt so far).
+    With a chunked prefill (`partial_queries`), `query` holds only the last queries (at least the run's largest
+    window) and the column sums are accumulated by the engine over every chunk and seeded here.
     Expensive views are computed on demand and cached, so several methods share them."""
 
     layer: int
@@ -128,7 +130,12 @@ class LayerView:
     values: torch.Tensor
     scaling: float
     max_window: int = 0  # the largest observation window any method of the run asked for
+    partial_queries: bool = False  # chunked prefill: `query` is a suffix of the prefill's queries
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def seed_column_sums(self, sums: torch.Tensor) -> None:
+        """Column sums accumulated over a chunked prefill ([H_q, T], float32)."""
+        self._cache["colsum"] = sums
 
     @property
     def n_tokens(self) -> int:
@@ -166,6 +173,9 @@ class LayerView:
         into `total`, so changing it moves the last bits. GQA: a KV head's g query heads share one matmul
         instead of copying the keys g times."""
         if "colsum" not in self._cache:
+            if self.partial_queries:
+                raise RuntimeError("column sums of a chunked prefill must be accumulated by the engine: the method "
+                                   "must list 'column_sums' in prefill_needs()")
             h_q, tq, d = self.query.shape
             h_kv, t, g = self.keys.shape[0], self.n_tokens, self.group
             offset = t - tq
@@ -244,6 +254,11 @@ class Method:
     def scorer_key(self) -> tuple | None:
         """Methods with equal keys share score(); None: no scoring."""
         return None
+
+    def prefill_needs(self) -> frozenset[str]:
+        """What score() reads beyond the last `window()` queries, so a chunked prefill can provide it:
+        "column_sums" (accumulated chunk by chunk) or "all_queries" (refuses chunking)."""
+        return frozenset()
 
     def score(self, view: LayerView) -> torch.Tensor | None:
         return None

@@ -83,6 +83,9 @@ class H2O(Method):
         heavy = int(budget * self.heavy_fraction)
         return heavy, budget - heavy
 
+    def prefill_needs(self) -> frozenset[str]:
+        return frozenset({"column_sums"})
+
     def scorer_key(self) -> tuple | None:
         return ("h2o_column_sums",)
 

@@ -45,6 +45,9 @@ class H2OPrefill(Method):
         if self.window_size < 0:
             raise InputError(f"h2o_prefill: window_size must be >= 0, got {self.window_size}")
 
+    def prefill_needs(self) -> frozenset[str]:
+        return frozenset({"column_sums"})
+
     def scorer_key(self) -> tuple:
         return ("h2o-prefill-colsum", self.window_size, self.gqa_reduce)
 
