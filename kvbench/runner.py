@@ -165,7 +165,11 @@ def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str, decode: s
 
 
 def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
-    return {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
+    fields = {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
+    version = getattr(type(plan.method), "version", 1)
+    if version != 1:  # version 1 adds nothing, so the fingerprints of rows written before versions existed hold
+        fields["version"] = version
+    return fields
 
 
 def dtype_name(opts: RunOptions, spec: models.ModelSpec, device: str) -> str:

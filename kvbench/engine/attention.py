@@ -12,6 +12,10 @@ It computes exactly what the model's sdpa path computes, with three additions:
 - a hook for observers: the active observer (a context variable) sees each layer's post-RoPE queries and the
   layer's full keys/values, which is all that attention-based scorers need, for any RoPE decoder that
   dispatches through the interface (Llama, Qwen2, Mistral, ...), without re-implementing projections.
+  An observer that sets `wants_lse` also gets, for a causal prefill on the CPU, the log-sum-exp of every
+  query's attention logits, which the attention kernel computes anyway: the output then comes from that same
+  kernel called directly, used only after checking once per (dtype, head dim, group) that it returns exactly
+  what `scaled_dot_product_attention` returns (otherwise the observer gets no lse and recomputes).
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ NAME = "kvbench"
 
 
 class AttentionObserver(Protocol):
-    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Called once per layer and forward, after the layer's attention output is computed."""
+    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     lse: torch.Tensor | None = None) -> None:
+        """Called once per layer and forward, after the layer's attention output is computed; `lse` [B, H_q, q]
+        (float32) only for observers that set `wants_lse`, when the kernel provided it."""
 
 
 class MaskedCache(Protocol):
@@ -67,6 +73,43 @@ def bottom_right_causal_mask(q_len: int, kv_len: int, device: torch.device) -> t
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
 
 
+_FLASH_MATCHES: dict[tuple, bool] = {}
+
+
+def _flash_cpu_matches(dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int) -> bool:
+    """Does the CPU flash kernel, called directly on un-repeated K/V, return exactly what sdpa's GQA path
+    returns? Probed once per (dtype, head dim, heads) on random inputs of two lengths."""
+    key = (dtype, head_dim, heads, kv_heads)
+    if key not in _FLASH_MATCHES:
+        gen = torch.Generator().manual_seed(0)
+        same = True
+        try:
+            for length in (37, 300):
+                q = torch.randn(1, heads, length, head_dim, generator=gen).to(dtype)
+                k = torch.randn(1, kv_heads, length, head_dim, generator=gen).to(dtype)
+                v = torch.randn(1, kv_heads, length, head_dim, generator=gen).to(dtype)
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=0.1, enable_gqa=heads != kv_heads)
+                got, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.1)
+                same = same and torch.equal(want, got)
+        except (RuntimeError, TypeError, AttributeError):
+            same = False
+        _FLASH_MATCHES[key] = same
+    return _FLASH_MATCHES[key]
+
+
+def _prefill_with_lse(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                      scaling: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output as sdpa_attention_forward returns it, lse [B, H_q, T]) for a causal CPU prefill, or None."""
+    if query.device.type != "cpu" or dropout or query.shape[2] < 2:
+        return None
+    if not _flash_cpu_matches(query.dtype, query.shape[-1], query.shape[1], key.shape[1]):
+        return None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
+                                                                         scale=scaling)
+    return out.transpose(1, 2).contiguous(), lse
+
+
 def kvbench_attention(
     module: Any,
     query: torch.Tensor,
@@ -96,6 +139,13 @@ def kvbench_attention(
         out = sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal=False, **kwargs)
     else:
         # q_len == kv_len: plain causal prefill; q_len == 1: one query sees the whole cache.
+        observer = _ACTIVE.get()
+        fused = None
+        if observer is not None and q_len == kv_len and getattr(observer, "wants_lse", False):
+            fused = _prefill_with_lse(module, query, key, value, dropout, scaling)
+        if fused is not None:
+            observer.on_attention(module, query, key, value, lse=fused[1])
+            return fused[0], None
         out = sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
     observer = _ACTIVE.get()
     if observer is not None:

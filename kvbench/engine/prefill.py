@@ -51,7 +51,13 @@ class PrefillObserver:
         self._column_sums: dict[int, torch.Tensor] = {}  # per layer, accumulated over earlier chunks
         self._tail: dict[int, torch.Tensor] = {}  # per layer, the last max_window queries of earlier chunks
 
-    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    @property
+    def wants_lse(self) -> bool:
+        """Column sums are cheaper with the attention kernel's log-sum-exp (kvbench.engine.attention)."""
+        return self.needs_column_sums
+
+    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     lse: torch.Tensor | None = None) -> None:
         if not self.scorers:
             return
         layer = module.layer_idx
@@ -63,6 +69,7 @@ class PrefillObserver:
             values=value[0],
             scaling=float(module.scaling),
             max_window=self.max_window,
+            lse=lse[0] if lse is not None else None,
         )
         if not self.chunked:
             self._score(layer, view)

@@ -131,6 +131,8 @@ class LayerView:
     scaling: float
     max_window: int = 0  # the largest observation window any method of the run asked for
     partial_queries: bool = False  # chunked prefill: `query` is a suffix of the prefill's queries
+    # [H_q, T_q] float32 log-sum-exp of each query's causal attention logits, when the attention kernel gave it
+    lse: torch.Tensor | None = None
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def seed_column_sums(self, sums: torch.Tensor) -> None:
@@ -164,34 +166,57 @@ class LayerView:
 
     def column_sums(self, block: int = 512) -> torch.Tensor:
         """Sum over every query of its causal attention to each key: [H_q, T], float32, computed in query
-        blocks so no T x T matrix ever exists.
+        blocks so no T x T matrix ever exists. A block only multiplies the keys its last query can see (the
+        rest would be masked to exact zeros); a KV head's g query heads share one matmul.
 
-        A block only multiplies the keys its last query can see (the rest would be masked to exact zeros),
-        and scales and masks in place: 2.8x faster than full-width blocks at 3.5k tokens with SmolLM2's
-        shapes, and bit-identical to them here, because dropping trailing exp(-inf) = 0 terms leaves every
-        softmax sum and every block's partial sum as it was. The block size is fixed: it sets the order of the float additions
-        into `total`, so changing it moves the last bits. GQA: a KV head's g query heads share one matmul
-        instead of copying the keys g times."""
+        With `lse` (the attention kernel's log-sum-exp of every query's logits), a query's softmax row is
+        exp(logits - lse) and needs no max or sum of its own: one matmul, one subtraction, one exp and the
+        column sum per block of 128 queries (small enough to stay in the CPU cache between those passes).
+        Without it each block of 512 queries takes a full softmax. The two agree to float32 rounding (the
+        normalisers are summed in different orders), so the path is part of the H2O methods' code version."""
         if "colsum" not in self._cache:
             if self.partial_queries:
                 raise RuntimeError("column sums of a chunked prefill must be accumulated by the engine: the method "
                                    "must list 'column_sums' in prefill_needs()")
-            h_q, tq, d = self.query.shape
-            h_kv, t, g = self.keys.shape[0], self.n_tokens, self.group
-            offset = t - tq
-            keys = self.keys.float()
-            total = torch.zeros(h_q, t, dtype=torch.float32, device=keys.device)
-            for start in range(0, tq, block):
-                stop = min(start + block, tq)
-                visible = stop + offset  # keys 0 .. visible-1: everything any query of the block sees
-                q = self.query[:, start:stop, :].float().reshape(h_kv, g * (stop - start), d)
-                logits = torch.matmul(q, keys[:, :visible, :].transpose(1, 2)).view(h_q, stop - start, visible)
-                logits.mul_(self.scaling)
-                rows = torch.arange(start, stop, device=keys.device)[:, None] + offset
-                logits.masked_fill_(torch.arange(visible, device=keys.device)[None, :] > rows, float("-inf"))
-                total[:, :visible] += torch.softmax(logits, dim=-1).sum(dim=1)
-            self._cache["colsum"] = total
+            self._cache["colsum"] = self._column_sums_lse() if self.lse is not None else self._column_sums_softmax(block)
         return self._cache["colsum"]
+
+    def _column_sums_softmax(self, block: int) -> torch.Tensor:
+        h_q, tq, d = self.query.shape
+        h_kv, t, g = self.keys.shape[0], self.n_tokens, self.group
+        offset = t - tq
+        keys = self.keys.float()
+        total = torch.zeros(h_q, t, dtype=torch.float32, device=keys.device)
+        for start in range(0, tq, block):
+            stop = min(start + block, tq)
+            visible = stop + offset  # keys 0 .. visible-1: everything any query of the block sees
+            q = self.query[:, start:stop, :].float().reshape(h_kv, g * (stop - start), d)
+            logits = torch.matmul(q, keys[:, :visible, :].transpose(1, 2)).view(h_q, stop - start, visible)
+            logits.mul_(self.scaling)
+            rows = torch.arange(start, stop, device=keys.device)[:, None] + offset
+            logits.masked_fill_(torch.arange(visible, device=keys.device)[None, :] > rows, float("-inf"))
+            total[:, :visible] += torch.softmax(logits, dim=-1).sum(dim=1)
+        return total
+
+    def _column_sums_lse(self, block: int = 128) -> torch.Tensor:
+        h_q, tq, d = self.query.shape
+        h_kv, t, g = self.keys.shape[0], self.n_tokens, self.group
+        offset = t - tq
+        device = self.keys.device
+        scaled = self.query.float() * self.scaling
+        keys_t = self.keys.float().transpose(1, 2)  # [H_kv, d, T]
+        lse = self.lse.float()
+        total = torch.zeros(h_q, t, dtype=torch.float32, device=device)
+        for start in range(0, tq, block):
+            stop = min(start + block, tq)
+            n, visible = stop - start, stop + offset
+            q = scaled[:, start:stop, :].reshape(h_kv, g * n, d)
+            logits = torch.bmm(q, keys_t[:, :, :visible]).view(h_q, n, visible)
+            logits.sub_(lse[:, start:stop, None])
+            own = logits[:, :, start + offset:]  # the block's own keys: the causal triangle
+            own.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), float("-inf"))
+            total[:, :visible] += logits.exp_().sum(dim=1)
+        return total
 
     def last_row(self) -> torch.Tensor:
         """Attention of the last query: [H_q, T], float32."""
@@ -237,6 +262,9 @@ class Method:
     name: ClassVar[str] = ""
     source: ClassVar[str] = ""  # paper and code the method follows
     continuous: ClassVar[bool] = False  # keeps evicting while decoding
+    # Bumped whenever the method's code can select or score differently for the same hyper-parameters; part
+    # of its configuration fingerprint, so rows of an older version never mix with newer ones.
+    version: ClassVar[int] = 1
     gqa_reduce: str = "mean"  # how query-head scores become KV-head scores
     position_mode: str = "original"  # original: new tokens continue from the uncompressed length
 

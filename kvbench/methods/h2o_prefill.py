@@ -37,6 +37,7 @@ class H2OPrefill(Method):
         "Zhang et al. 2023, H2O, arXiv 2306.14048; prefill-once as KVCache-Factory H2OKVCluster (w=8, no pooling) "
         "with its causal-mask fix (commit 9f9aa2e)"
     )
+    version = 2  # 2: column sums from the attention kernel's log-sum-exp (equal to version 1's to float32 rounding)
 
     window_size: int = 8  # last w tokens always kept, excluded from the ranking (named as in the official code)
 
