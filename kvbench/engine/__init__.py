@@ -97,6 +97,7 @@ class Engine:
     # the memory free when decoding starts.
     max_batch: int = 32
     group_memory: float = 6.0
+    on_logits: Any = None  # (plan, step, logits) -> None before each greedy choice (measurements only)
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -130,7 +131,8 @@ class Engine:
         first_logits = out.logits[0, -1] if split == n_prompt else None
         question = ids[:, split:] if split < n_prompt else None
         seed = sample_seed(sample_id, seed)
-        settings = DecodeSettings(prompt.max_new_tokens, prompt.stop_ids, self.repetition_penalty, device)
+        settings = DecodeSettings(prompt.max_new_tokens, prompt.stop_ids, self.repetition_penalty, device,
+                                  self.on_logits)
         reserve = n_prompt - split + prompt.max_new_tokens  # room for the question (scope context) and the answer
         results: dict[int, Generation] = {}
         for group in self._groups(plans, split, full_bytes, reserve):
@@ -138,10 +140,10 @@ class Engine:
             for index in group:
                 begin = time.perf_counter()
                 compressed = compress(self.model, plans[index], full, observer.scores, seed)
-                decodes.append(PlanDecode(plans[index], compressed, n_seen=split, history=list(prompt.ids),
+                decodes.append(PlanDecode(plans[index], compressed, n_seen=split,
                                           seconds=time.perf_counter() - begin))
             kept = [(d.compressed.kept_per_layer, d.compressed.valid_bytes, d.compressed.selections) for d in decodes]
-            decode_group(self.model, decodes, question, first_logits, settings, reserve)
+            decode_group(self.model, decodes, list(prompt.ids), question, first_logits, settings, reserve)
             self._sync()
             for index, done, (per_layer, valid, selections) in zip(group, decodes, kept):
                 results[index] = Generation(
