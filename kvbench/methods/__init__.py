@@ -55,8 +55,73 @@ class MethodChoice:
 
 
 def presets() -> dict[str, dict[str, Any]]:
-    data = resources.load_yaml(resources.config_path("methods.yaml"))
-    return data.get("presets", {}) or {}
+    path = resources.config_path("methods.yaml")
+    shown = path.relative_to(resources.ROOT) if path.is_relative_to(resources.ROOT) else path
+    return check_presets(resources.load_yaml(path), str(shown))
+
+
+def check_presets(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """The `presets:` table of a methods YAML (already parsed), every entry checked before any is used: a
+    mapping of new names (a preset never hides a method) to a registered `method` plus fields of that method,
+    each of the field's type and accepted by the method. Errors name the file, the preset and the key."""
+    table = data.get("presets")
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise InputError(f"{source}: 'presets:' must map preset names to settings, got {_kind(table)}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in table.items():
+        key, where = str(name).strip().lower(), f"{source}: preset '{name}'"
+        if key in METHODS:
+            raise InputError(f"{where} has the name of a method ({METHODS.canonical(key)}); give the preset another name")
+        if key in out:
+            raise InputError(f"{where} is defined twice (names are not case-sensitive)")
+        if not isinstance(entry, dict):
+            raise InputError(f"{where} must be a mapping ({{method: NAME, field: value, ...}}), got {_kind(entry)}")
+        base = entry.get("method")
+        if not isinstance(base, str) or base.strip().lower() not in METHODS:
+            known = f"{did_you_mean(str(base), METHODS.names())}; known: {', '.join(METHODS.names())}"
+            raise InputError(f"{where}: 'method' must name a registered method, got {base!r}" + known)
+        cls = METHODS.get(base)
+        defaults = cls()
+        fields = [f.name for f in dataclasses.fields(cls)]
+        params = {}
+        for pkey, value in entry.items():
+            if pkey == "method":
+                continue
+            if pkey not in fields:
+                raise InputError(f"{where}: {cls.name} has no parameter '{pkey}'{did_you_mean(str(pkey), fields)}")
+            expected = _expected(getattr(defaults, pkey))
+            if expected is not None and not expected[1](value):
+                raise InputError(f"{where}, key '{pkey}': expected {expected[0]}, got {_kind(value)} {value!r}")
+            params[pkey] = tuple(value) if isinstance(value, list) else value
+        try:
+            cls(**params)
+        except (InputError, TypeError, ValueError) as exc:
+            raise InputError(f"{where}: {exc}") from None
+        out[key] = dict(entry)
+    return out
+
+
+def _expected(default: Any) -> tuple[str, Any] | None:
+    """(description, test) of the values a field with this default takes; None: not checked."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, tuple):
+        return "a list of integers", lambda v: isinstance(v, (list, tuple)) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v)
+    return None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
 
 
 def all_names() -> list[str]:
