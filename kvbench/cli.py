@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -17,6 +17,9 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from kvbench.errors import KvbenchError
+
+if TYPE_CHECKING:
+    from kvbench.runner import RunSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -130,7 +133,7 @@ def run(
     sys.stdout.write(run_summary(summary))
 
 
-def run_summary(summary) -> str:
+def run_summary(summary: RunSummary) -> str:
     """What a run ends with, on stdout: where its rows are and the table of just those rows (every row of
     this run's result files, earlier runs' included), without the footer `kvbench table` adds."""
     from kvbench.models import safe_name
