@@ -123,7 +123,7 @@ def build_plans(opts: RunOptions) -> list[Plan]:
     used: set[str] = set()
     for name in names:
         base = methods.build(name)  # validates the name
-        fields = set(base.method.params())
+        fields = base.method.parameter_names()  # a wrapper's include its inner method's
         applicable = {k: v for k, v in overrides_all.items() if k in fields}
         used |= set(applicable)
         choices.append(methods.build(name, applicable))
@@ -133,7 +133,7 @@ def build_plans(opts: RunOptions) -> list[Plan]:
         raise InputError(f"--method-arg {key}: no selected method has a parameter '{key}'")
     plans: list[Plan] = []
     for choice in choices:
-        if choice.base == "fullkv":
+        if not choice.method.uses_budget:  # FullKV, KIVI alone: every token kept, one plan
             plans.append(Plan(choice.label, choice.method, Budget(ratio=1.0)))
             continue
         for budget in budget_list:
@@ -262,6 +262,7 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         "cache_bytes": gen.cache_bytes,
         "cache_bytes_allocated": gen.cache_bytes_allocated,
         "full_cache_bytes": gen.full_cache_bytes,
+        **storage_fields(gen, prefilled),
         "max_cache_tokens": gen.max_cache_tokens,
         # evidence_tokens, evidence_retention (per layer), _mean, _min, layer_overlap: see results/README.md
         **evidence.row_fields(target.task, sample, prompt, gen.kept_indices, gen.kept_per_layer, prefilled),
@@ -274,6 +275,21 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         "task_fp": target.task_fp,
         "config_fp": target.config_fp,
         "run_id": run_id,
+    }
+
+
+def storage_fields(gen: Generation, prefilled: int) -> dict[str, Any]:
+    """methods-2.md §1.8: token keep ratio (kept entries / (layers x KV heads x prefilled tokens)), byte ratio
+    (cache_bytes / full_cache_bytes), whether cache_bytes is physical or the formula's bytes of a simulated
+    layout, and the bytes after each transform stage."""
+    layers = len(gen.kept_per_layer)
+    heads = len(gen.kept_indices[0].lengths) if gen.kept_indices else 0
+    slots = layers * heads * prefilled
+    return {
+        "token_keep_ratio": round(gen.kept_entries / slots, 6) if slots else 1.0,
+        "byte_ratio": round(gen.cache_bytes / gen.full_cache_bytes, 6) if gen.full_cache_bytes else None,
+        "storage": gen.storage,
+        "stages": [{"stage": stage, "bytes": nbytes} for stage, nbytes in gen.stages] if gen.stages else None,
     }
 
 
