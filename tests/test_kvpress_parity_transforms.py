@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_kvpress_parity import KVPRESS_PYTHON, offline_env
+from test_kvpress_parity import kvpress_python, offline_env  # noqa: F401  (the session fixture)
 
 from kvbench.engine import Engine, Plan
 from kvbench.engine.compress import compress, full_layers
@@ -28,18 +28,6 @@ from kvbench.prompts import Prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = ROOT / "scripts" / "kvpress_side_transforms.py"
-
-
-@pytest.fixture(scope="module")
-def kvpress_python() -> Path:
-    if not KVPRESS_PYTHON.is_file():
-        pytest.skip(f"{KVPRESS_PYTHON} not found (build it with scripts/setup_kvpress.sh)")
-    check = subprocess.run([str(KVPRESS_PYTHON), "-c", "import kvpress, importlib.metadata as m; "
-                            "print(m.version('kvpress'))"], capture_output=True, text=True, timeout=300,
-                           env=offline_env())
-    if check.returncode != 0 or check.stdout.strip() != "0.5.5":
-        pytest.skip(f"kvpress 0.5.5 not usable: {check.stdout.strip()} {check.stderr.strip().splitlines()[-1:]}")
-    return KVPRESS_PYTHON
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,11 @@ class Wrapper(Method):
     # ---- description ---------------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         own = {name: getattr(self, name) for name in self.own_fields()}
-        return {"inner": self.inner, **own, "inner_params": self._inner.params()}
+        out = {"inner": self.inner, **own, "inner_params": self._inner.params()}
+        version = getattr(type(self._inner), "version", 1)
+        if version != 1:  # the inner method's code version is part of the configuration, as it is alone
+            out["inner_version"] = version
+        return out
 
     def parameter_names(self) -> set[str]:
         return {"inner", *self.own_fields()} | self._inner.parameter_names()
