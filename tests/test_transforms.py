@@ -178,6 +178,10 @@ def test_bad_compositions_are_refused_with_one_clear_line(name, args, message):
     assert message in str(info.value)
 
 
+def test_names_with_a_plus_that_are_registered_stay_themselves():
+    assert build("sink+recent").base == "sink_recent"  # an alias, not a composition
+
+
 def test_kivi_alone_is_one_full_budget_plan_per_run():
     plans = build_plans(RunOptions(method="kivi4,snapkv+kivi4,decoding", ratios=[0.1, 0.2]))
     assert [(p.label, p.budget.label) for p in plans] == [

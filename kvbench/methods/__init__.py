@@ -30,18 +30,6 @@ METHODS.register("h2o_prefill", H2OPrefill)
 METHODS.register("random", RandomKeep)
 METHODS.register("knorm", KNorm, aliases=("l2norm",))
 # --- end prefill-once methods ---
-# --- transforms after selection and decoding-time wrappers (issue #14, methods-2.md §2.17, §2.18, §2.22) ---
-from kvbench.methods import compose  # noqa: E402
-from kvbench.methods.wrapper import Wrapper  # noqa: E402
-from kvbench.methods.think import ThinK  # noqa: E402
-from kvbench.methods.kivi import KIVI2, KIVI4  # noqa: E402
-from kvbench.methods.decoding import Decoding  # noqa: E402
-
-METHODS.register("think", ThinK)
-METHODS.register("kivi2", KIVI2)
-METHODS.register("kivi4", KIVI4)
-METHODS.register("decoding", Decoding)
-# --- end transforms and decoding-time wrappers ---
 # --- continuous methods (one registry line each) ---
 from kvbench.methods.h2o import H2O  # noqa: E402
 from kvbench.methods.tova import TOVA  # noqa: E402
@@ -57,6 +45,18 @@ METHODS.register("streamingllm", StreamingLLM, aliases=("streaming_llm", "slm"))
 METHODS.register("sliding", Sliding, aliases=("local", "sliding_window"))
 METHODS.register("sink_recent", SinkRecent, aliases=("sink+recent",))
 # --- end continuous methods ---
+# --- transforms after selection and decoding-time wrappers (issue #14, methods-2.md §2.17, §2.18, §2.22) ---
+from kvbench.methods import compose  # noqa: E402
+from kvbench.methods.wrapper import Wrapper  # noqa: E402
+from kvbench.methods.think import ThinK  # noqa: E402
+from kvbench.methods.kivi import KIVI2, KIVI4  # noqa: E402
+from kvbench.methods.decoding import Decoding  # noqa: E402
+
+METHODS.register("think", ThinK)
+METHODS.register("kivi2", KIVI2)
+METHODS.register("kivi4", KIVI4)
+METHODS.register("decoding", Decoding)
+# --- end transforms and decoding-time wrappers ---
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def build(name: str, overrides: dict[str, str] | None = None) -> MethodChoice:
     that do not apply to this method are an error (the caller filters per method when several are run)."""
     overrides = overrides or {}
     key = name.strip().lower()
-    if "+" in key:  # a composition: transforms after a selection (kvbench.methods.compose)
+    if "+" in key and key not in METHODS and key not in presets():  # a composition (kvbench.methods.compose)
         base_name, composed = compose.build_composition(key, overrides, _resolve)
         return MethodChoice(label=key, base=base_name, method=composed)
     cls, params = _resolve(key)

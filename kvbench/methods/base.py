@@ -16,16 +16,17 @@ A method is a dataclass whose fields are its hyper-parameters. The engine calls 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from kvbench.errors import InputError
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from kvbench.methods.storage import LayerStorage, Lifecycle, TransformContext
 
 GQA_REDUCE = ("mean", "max", "sum")
