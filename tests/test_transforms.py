@@ -84,7 +84,8 @@ def test_think_zeroes_pruned_key_channels_except_the_recent_entries(model):
         assert torch.equal(kept.values, ref.values)
         # the channels are the lowest q-energy x k-energy, from the last 16 prefill queries (group mean)
         key_energy = ref.keys.float().pow(2).mean(dim=1)
-        want = torch.argsort(scores.query_energy * key_energy, dim=-1)[:, :6].sort().values
+        query_energy = scores.query_energy.reshape(2, 2, 16).mean(dim=1)  # query heads 2h, 2h + 1 -> KV head h
+        want = torch.argsort(query_energy * key_energy, dim=-1)[:, :6].sort().values
         assert [torch.nonzero(z).flatten().tolist() for z in zero] == want.tolist()
     assert out.simulated
     assert out.stored_bytes == 2 * 2 * think_bytes(60, 16, 6, 8, 4)
@@ -215,11 +216,12 @@ def test_a_bad_composition_on_the_command_line_writes_nothing(tiny_model_dir, ti
 # ---- rows: cache_bytes is the formula's, the storage says simulated ---------------------------------------------
 def test_rows_report_formula_bytes_and_simulated_storage(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     results = tmp_path / "results"
-    code, _, err = cli(["run", "--model", str(tiny_model_dir), "--method", "snapkv,snapkv+kivi4,kivi2,think",
+    code, out, err = cli(["run", "--model", str(tiny_model_dir), "--method", "snapkv,snapkv+kivi4,kivi2,think",
                         "--ratio", "0.5", "--method-arg", "residual=32", "--method-arg", "group_size=8",
                         "--tasks", RUN_TASK, "--data-dir", str(tiny_data_dir), "--results", str(results),
                         "--device", "cpu", "--limit", "2"], capsys)
     assert code == 0, err
+    assert "snapkv+kivi4: select -> kivi4; storage simulated" in err  # the run log
     rows = store.load_all_rows(results)
     assert len(rows) == 8
     d, heads, layers, s = 8, 2, 2, 4  # the tiny model folder: hidden 32, 4 heads / 2 KV heads, float32

@@ -16,9 +16,9 @@ the attention logits of the official masked-query product q[c not pruned] . k_pr
 adds nothing to q . k). The bytes are those of the official physical layout (pruned keys at d - p channels,
 recent keys at d, plus a d-bit channel mask per head; kvbench.methods.storage), reported as simulated.
 
-Deviation from the official code: it repeats K/V to query-head granularity and prunes per query head;
-kvbench's cache is per KV head, so the query term is the group mean (kvpress's choice). With g = 1 they
-coincide."""
+Granularity: the official code repeats K/V to query-head granularity and prunes per query head; with a cache
+per KV head (kvbench's default) the query term is the group mean, as kvpress does, and with a cache stored per
+query head each head uses its own query term, as the official code. With g = 1 they coincide."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from kvbench.methods.wrapper import TransformWrapper
 @dataclass
 class ThinKScores:
     inner: Any  # the inner method's scores for this layer (None when it has no scorer)
-    query_energy: torch.Tensor  # [H_kv, d] float32: mean over the window queries of q_c^2, group mean
+    query_energy: torch.Tensor  # [H_q, d] float32: mean over the window queries of q_c^2, per query head
 
 
 def pruned_channels(query_energy: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, n_pruned: int) -> torch.Tensor:
@@ -90,8 +90,7 @@ class ThinK(TransformWrapper):
     def score(self, view: LayerView) -> ThinKScores:
         inner = self._inner.score(view) if self._inner.scorer_key() is not None else None
         queries = view.query[:, -self.channel_window:, :].float()
-        energy = reduce_groups(queries.pow(2).mean(dim=1), view.keys.shape[0], "mean")
-        return ThinKScores(inner, energy)
+        return ThinKScores(inner, queries.pow(2).mean(dim=1))
 
     def inner_scores(self, scores: Any) -> Any:
         return scores.inner if isinstance(scores, ThinKScores) else scores
@@ -106,7 +105,10 @@ class ThinK(TransformWrapper):
             return
         if not isinstance(scores, ThinKScores):
             raise RuntimeError(f"think: no channel scores for layer {ctx.layer} (the scorer did not observe it)")
-        mask = pruned_channels(scores.query_energy, ctx.keys, ctx.lengths, n_pruned)
+        energy = scores.query_energy
+        if energy.shape[0] != ctx.keys.shape[0]:  # a cache per KV head: the group mean (kvpress's choice)
+            energy = reduce_groups(energy, ctx.keys.shape[0], "mean")
+        mask = pruned_channels(energy, ctx.keys, ctx.lengths, n_pruned)
         width = ctx.keys.shape[1]
         pruned_entries = (ctx.lengths - self.recent).clamp(min=0).to(ctx.keys.device)  # per head: all but the recent
         rows = torch.arange(width, device=ctx.keys.device)[None, :] < pruned_entries[:, None]
