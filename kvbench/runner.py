@@ -372,8 +372,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
         for task in runnable:
             for sample, _ in pending.get(task.name, []):
                 prompts.build_prompt(task, sample, pre.tokenizer, None, spec.chat, frozenset(), max_positions)
-    for label in dict.fromkeys(p.label for p in plans if p.method.stages()):  # transforms after selection
-        stages = next(p.method.stages() for p in plans if p.label == label)
+    for label, stages in {p.label: p.method.stages() for p in plans if p.method.stages()}.items():
         log(f"{label}: select -> {' -> '.join(stages)}; storage simulated in the model dtype, cache_bytes are "
             "the packed layout's (methods-2.md §1.8)")
     log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")

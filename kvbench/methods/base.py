@@ -11,6 +11,10 @@ A method is a dataclass whose fields are its hyper-parameters. The engine calls 
    (per-head lengths are padded to the layer's longest head and masked in kvbench's attention function).
 3. For continuous methods, `decoder(ctx)` returns a per-layer state whose `step(...)` runs after every
    later attention call (question tokens with --scope context, each generated token) and may evict more.
+
+Methods with `stages()` (the transform wrappers of kvbench.methods.wrapper: ThinK, KIVI) also change the
+gathered entries after `select`, through `transform(ctx)`, and may keep a per-plan `lifecycle` that the decode
+loop runs after every forward.
 """
 
 from __future__ import annotations
