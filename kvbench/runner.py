@@ -155,8 +155,9 @@ def build_plans(opts: RunOptions) -> list[Plan]:
     for name in names:
         base = methods.build(name)  # validates the name
         # FullKV evicts nothing, so no hyper-parameter changes its rows: --gqa-reduce for the other methods of
-        # a sweep must not make it a second FullKV configuration (and label).
-        fields = set() if base.base == "fullkv" else set(base.method.params())
+        # a sweep must not make it a second FullKV configuration (and label). A wrapper's names include its
+        # inner method's.
+        fields = set() if base.base == "fullkv" else set(base.method.parameter_names())
         applicable = {k: v for k, v in overrides_all.items() if k in fields}
         used |= set(applicable)
         choice = methods.build(name, applicable)
@@ -172,7 +173,7 @@ def build_plans(opts: RunOptions) -> list[Plan]:
         raise InputError(f"--method-arg {key}: no selected method has a parameter '{key}'")
     plans: list[Plan] = []
     for label, choice in choices:
-        if choice.base == "fullkv":
+        if not choice.method.uses_budget:  # FullKV, KIVI alone: every token kept, one plan
             plans.append(Plan(label, choice.method, Budget(ratio=1.0)))
             continue
         for budget in budget_list:
@@ -301,6 +302,7 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         "cache_bytes": gen.cache_bytes,
         "cache_bytes_allocated": gen.cache_bytes_allocated,
         "full_cache_bytes": gen.full_cache_bytes,
+        **storage_fields(gen, prefilled),
         "max_cache_tokens": gen.max_cache_tokens,
         # evidence_tokens, evidence_retention (per layer), _mean, _min, layer_overlap: see results/README.md
         **evidence.row_fields(target.task, sample, prompt, gen.kept_indices, gen.kept_per_layer, prefilled),
@@ -313,6 +315,21 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         "task_fp": target.task_fp,
         "config_fp": target.config_fp,
         "run_id": run_id,
+    }
+
+
+def storage_fields(gen: Generation, prefilled: int) -> dict[str, Any]:
+    """methods-2.md §1.8: token keep ratio (kept entries / (layers x KV heads x prefilled tokens)), byte ratio
+    (cache_bytes / full_cache_bytes), whether cache_bytes is physical or the formula's bytes of a simulated
+    layout, and the bytes after each transform stage."""
+    layers = len(gen.kept_per_layer)
+    heads = len(gen.kept_indices[0].lengths) if gen.kept_indices else 0
+    slots = layers * heads * prefilled
+    return {
+        "token_keep_ratio": round(gen.kept_entries / slots, 6) if slots else 1.0,
+        "byte_ratio": round(gen.cache_bytes / gen.full_cache_bytes, 6) if gen.full_cache_bytes else None,
+        "storage": gen.storage,
+        "stages": [{"stage": stage, "bytes": nbytes} for stage, nbytes in gen.stages] if gen.stages else None,
     }
 
 
@@ -403,6 +420,9 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     max_positions = getattr(pre.config, "max_position_embeddings", None)
     check_prompts(runnable, pending, pre.tokenizer, spec, max_positions, plans)
     log(describe_run(runnable, sources))
+    for label, stages in {p.label: p.method.stages() for p in plans if p.method.stages()}.items():
+        log(f"{label}: select -> {' -> '.join(stages)}; storage simulated in the model dtype, cache_bytes are "
+            "the packed layout's (methods-2.md §1.8)")
     log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")
     loaded = models.load_model(spec, device, dtype, opts.trust_remote_code, pre, opts.device_map)
     summary.model_loaded = True

@@ -41,7 +41,10 @@ class Generation:
     token_ids: list[int]
     text: str
     kept_per_layer: list[float]  # per layer, tokens a head keeps right after compression (mean over heads)
-    cache_bytes: int  # bytes of the K/V entries actually kept after compression (before decoding)
+    # Bytes of the K/V entries kept after compression (before decoding), as stored: with transforms after
+    # selection whose storage is simulated (zeroed channels, fake quantization) the packed layout's bytes
+    # (methods-2.md §1.8, kvbench.methods.storage), never the masked buffers'.
+    cache_bytes: int
     cache_bytes_allocated: int  # bytes of this plan's decode buffers: padding of shorter heads and room reserved
     full_cache_bytes: int
     decode_seconds: float  # compression + this plan's share of the decode forwards it took part in
@@ -51,6 +54,9 @@ class Generation:
     # Per layer, the prompt positions kept right after compression; None when nothing was selected (FullKV).
     # Continuous methods may evict more while decoding; this is the prefill selection.
     kept_indices: list[Selection] | None = None
+    kept_entries: int = 0  # (layer, KV head, token) entries kept after compression, padding excluded
+    storage: str = "physical"  # "simulated" when cache_bytes comes from the formula, not the buffers
+    stages: list[tuple[str, int]] | None = None  # transforms after selection: (stage, bytes after it)
 
 
 @dataclass
@@ -142,16 +148,16 @@ class Engine:
                 compressed = compress(self.model, plans[index], full, observer.scores, seed)
                 decodes.append(PlanDecode(plans[index], compressed, n_seen=split,
                                           seconds=time.perf_counter() - begin))
-            kept = [(d.compressed.kept_per_layer, d.compressed.valid_bytes, d.compressed.selections) for d in decodes]
+            kept = [(d.compressed.kept_per_layer, d.compressed.stored_bytes, d.compressed.selections) for d in decodes]
             decode_group(self.model, decodes, list(prompt.ids), question, first_logits, settings, reserve)
             self._sync()
-            for index, done, (per_layer, valid, selections) in zip(group, decodes, kept):
+            for index, done, (per_layer, stored, selections) in zip(group, decodes, kept):
                 results[index] = Generation(
                     plan=done.plan,
                     token_ids=done.generated,
                     text=self.tokenizer.decode(done.generated, skip_special_tokens=True),
                     kept_per_layer=per_layer,
-                    cache_bytes=valid,
+                    cache_bytes=stored,
                     cache_bytes_allocated=done.allocated_bytes,
                     full_cache_bytes=full_bytes,
                     decode_seconds=done.seconds,
@@ -159,6 +165,9 @@ class Engine:
                     final_cache_tokens=done.final_cache_tokens,
                     decode=self.decode,
                     kept_indices=selections,
+                    kept_entries=done.compressed.kept_entries,
+                    storage="simulated" if done.compressed.simulated else "physical",
+                    stages=done.compressed.stages or None,
                 )
         run.generations = [results[i] for i in range(len(plans))]
         if device.type == "cuda":
@@ -171,7 +180,7 @@ class Engine:
         within the memory bound (a group of one is always allowed)."""
         if self.decode == "sequential":
             return [[i] for i in range(len(plans))]
-        share = [min(n_tokens, p.budget.kept(n_tokens)) if p.method.name != "fullkv" else n_tokens for p in plans]
+        share = [min(n_tokens, p.budget.kept(n_tokens)) if p.method.uses_budget else n_tokens for p in plans]
         limit_tokens = self.group_memory * n_tokens
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)

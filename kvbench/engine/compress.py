@@ -13,6 +13,7 @@ import torch
 from kvbench.engine import rope
 from kvbench.engine.cache import KeptLayer
 from kvbench.methods.base import Budget, DecodeContext, LayerDecoder, Method, Selection, SelectContext
+from kvbench.methods.storage import LayerStorage, Lifecycle, TransformContext
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class Compressed:
     # Per layer, the prompt positions kept right after compression; None when nothing was selected (FullKV).
     # Continuous methods may evict more while decoding; this is the prefill selection.
     selections: list[Selection] | None = None
+    # Transforms after selection (ThinK, KIVI; kvbench.methods.storage): per layer, how the kept entries are
+    # stored, the bytes after each stage (summed over layers), and the state they keep while decoding.
+    storages: list[LayerStorage] | None = None
+    stages: list[tuple[str, int]] = field(default_factory=list)
+    lifecycle: Lifecycle | None = None
+    kept_entries: int = 0  # (layer, head, token) entries kept, padding excluded
+    stored_bytes: int = 0  # bytes of the kept entries as stored (the §1.8 formula when storage is simulated)
+    simulated: bool = False  # some saving is logical (zeroed channels, fake quantization), not physical
 
     @property
     def kept_per_layer(self) -> list[float]:
@@ -60,7 +69,7 @@ def compress(
     """Select and gather one plan's kept entries, and set up its per-layer decoders (continuous methods)."""
     method, budget = plan.method, plan.budget
     if method.name == "fullkv":
-        return Compressed([KeptLayer.full(keys[0], values[0]) for keys, values in full])
+        return _account(Compressed([KeptLayer.full(keys[0], values[0]) for keys, values in full]))
     scorer_key = method.scorer_key()
     rerotator = rope.for_model(model) if method.position_mode == "contiguous" else None
     out = Compressed(layers=[], selections=[])
@@ -78,6 +87,7 @@ def compress(
             group=model.config.num_attention_heads // keys.shape[1],
             previous=previous,
             seed=seed,
+            budget=budget,
         )
         selected = method.select(ctx)
         previous = selected
@@ -85,10 +95,38 @@ def compress(
         kept = KeptLayer.gather(keys[0], values[0], selection)
         if rerotator is not None:  # contiguous positions: kept keys move to 0 .. k-1
             kept.keys = rerotator.to_contiguous(kept.keys, selection.indices.to(kept.keys.device))
+        if method.stages():
+            _transform(method, ctx, kept, out)
         out.layers.append(kept)
         out.selections.append(Selection(selection.indices.detach().to("cpu"), selection.lengths.detach().to("cpu")))
         if method.continuous and not budget.is_full:
             decoder = method.decoder(DecodeContext(select=ctx, kept_indices=selected))
             if decoder is not None:
                 out.decoders[index] = decoder
+    if out.storages is not None:
+        out.lifecycle = method.lifecycle(out.storages)
+    return _account(out)
+
+
+def _transform(method: Method, ctx: SelectContext, kept: KeptLayer, out: Compressed) -> None:
+    """select -> channel mask -> quantize on one layer's kept entries (the plan's own gathered copy, changed in
+    place), logging the bytes after each stage."""
+    storage = LayerStorage(kept.lengths.clone(), kept.keys.shape[-1], kept.values.shape[-1], kept.keys.element_size())
+    tctx = TransformContext(layer=ctx.layer, n_layers=ctx.n_layers, keys=kept.keys, values=kept.values,
+                            storage=storage, scores=ctx.scores)
+    tctx.record("select")
+    method.transform(tctx)
+    if out.storages is None:
+        out.storages, out.stages = [], [(stage, 0) for stage, _ in tctx.log]
+    out.storages.append(storage)
+    out.stages = [(stage, total + nbytes) for (stage, total), (_, nbytes) in zip(out.stages, tctx.log, strict=True)]
+
+
+def _account(out: Compressed) -> Compressed:
+    out.kept_entries = sum(int(layer.lengths.sum()) for layer in out.layers)
+    if out.storages is None:
+        out.stored_bytes = out.valid_bytes
+    else:
+        out.stored_bytes = sum(storage.nbytes() for storage in out.storages)
+        out.simulated = any(storage.simulated for storage in out.storages)
     return out

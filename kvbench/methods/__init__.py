@@ -45,6 +45,18 @@ METHODS.register("streamingllm", StreamingLLM, aliases=("streaming_llm", "slm"))
 METHODS.register("sliding", Sliding, aliases=("local", "sliding_window"))
 METHODS.register("sink_recent", SinkRecent, aliases=("sink+recent",))
 # --- end continuous methods ---
+# --- transforms after selection and decoding-time wrappers (issue #14, methods-2.md §2.17, §2.18, §2.22) ---
+from kvbench.methods import compose  # noqa: E402
+from kvbench.methods.wrapper import Wrapper  # noqa: E402
+from kvbench.methods.think import ThinK  # noqa: E402
+from kvbench.methods.kivi import KIVI2, KIVI4  # noqa: E402
+from kvbench.methods.decoding import Decoding  # noqa: E402
+
+METHODS.register("think", ThinK)
+METHODS.register("kivi2", KIVI2)
+METHODS.register("kivi4", KIVI4)
+METHODS.register("decoding", Decoding)
+# --- end transforms and decoding-time wrappers ---
 
 
 @dataclass(frozen=True)
@@ -146,23 +158,32 @@ def _coerce(value: str, current: Any, key: str, method: str) -> Any:
     return value
 
 
-def build(name: str, overrides: dict[str, str] | None = None) -> MethodChoice:
-    """A method instance from a registry name or a preset, with --method-arg overrides applied. Overrides
-    that do not apply to this method are an error (the caller filters per method when several are run)."""
-    overrides = overrides or {}
-    key = name.strip().lower()
+def _resolve(key: str) -> tuple[type[Method], dict[str, Any]]:
+    """(registered class, preset parameters) of a registered method or preset name."""
     table = presets()
     if key in table:
         entry = dict(table[key])
         base = entry.pop("method", None)
         if base is None:
             raise InputError(f"configs/methods.yaml: preset '{key}' has no 'method'")
-        params: dict[str, Any] = entry
-    else:
-        if key not in METHODS:
-            raise unknown("method", name, all_names())
-        base, params = key, {}
-    cls = METHODS.get(base)
+        return METHODS.get(base), entry
+    if key not in METHODS:
+        raise unknown("method", key, all_names())
+    return METHODS.get(key), {}
+
+
+def build(name: str, overrides: dict[str, str] | None = None) -> MethodChoice:
+    """A method instance from a registry name or a preset, with --method-arg overrides applied. Overrides
+    that do not apply to this method are an error (the caller filters per method when several are run)."""
+    overrides = overrides or {}
+    key = name.strip().lower()
+    if "+" in key and key not in METHODS and key not in presets():  # a composition (kvbench.methods.compose)
+        base_name, composed = compose.build_composition(key, overrides, _resolve)
+        return MethodChoice(label=key, base=base_name, method=composed)
+    cls, params = _resolve(key)
+    base = cls.name
+    if issubclass(cls, Wrapper):
+        return MethodChoice(label=key, base=base, method=compose.build_wrapper(cls, key, params, overrides))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = cls()
     for pkey in params:

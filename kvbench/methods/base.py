@@ -11,18 +11,27 @@ A method is a dataclass whose fields are its hyper-parameters. The engine calls 
    (per-head lengths are padded to the layer's longest head and masked in kvbench's attention function).
 3. For continuous methods, `decoder(ctx)` returns a per-layer state whose `step(...)` runs after every
    later attention call (question tokens with --scope context, each generated token) and may evict more.
+
+Methods with `stages()` (the transform wrappers of kvbench.methods.wrapper: ThinK, KIVI) also change the
+gathered entries after `select`, through `transform(ctx)`, and may keep a per-plan `lifecycle` that the decode
+loop runs after every forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from kvbench.errors import InputError
+
+if typing.TYPE_CHECKING:
+    from kvbench.methods.storage import LayerStorage, Lifecycle, TransformContext
 
 GQA_REDUCE = ("mean", "max", "sum")
 
@@ -237,6 +246,7 @@ class SelectContext:
     group: int
     previous: torch.Tensor | None = None  # indices chosen for the layer below (layer-wise reuse)
     seed: int = 0  # per-sample seed for random methods
+    budget: Budget | None = None  # the plan's budget (`kept` is its value at n_tokens); decoding-time targets
 
 
 @dataclass
@@ -247,12 +257,41 @@ class DecodeContext:
     kept_indices: torch.Tensor  # [H_kv, k] positions (in the prompt) of the kept tokens
 
 
+@dataclass
+class DecodeStep:
+    """One attention call of one plan's layer while decoding, as a continuous method's decoder sees it."""
+
+    query: torch.Tensor  # [H_q, q, d] post-RoPE queries of the q new tokens
+    keys: torch.Tensor  # [H_kv, L, d] the layer's cache, the new tokens included (the last q entries)
+    values: torch.Tensor  # [H_kv, L, d_v]
+    scaling: float
+    rope: Callable[[], Any] | None = None  # the model's kvbench.engine.rope.Rerotator, looked up on demand
+    _rows: torch.Tensor | None = field(default=None, repr=False)
+
+    def rows(self) -> torch.Tensor:
+        """Causal softmax rows of the new queries over the cache: [H_q, q, L], float32 (computed once)."""
+        if self._rows is None:
+            q = self.query.float()
+            length, q_len = self.keys.shape[1], q.shape[1]
+            group = q.shape[0] // self.keys.shape[0]
+            logits = torch.matmul(q, self.keys.float().repeat_interleave(group, dim=0).transpose(1, 2)) * self.scaling
+            if q_len > 1:
+                causal = torch.ones(q_len, length, dtype=torch.bool, device=q.device).tril(length - q_len)
+                logits = logits.masked_fill(~causal, float("-inf"))
+            self._rows = torch.softmax(logits, dim=-1)
+        return self._rows
+
+
 class LayerDecoder:
     """Per-layer state of a continuous method. `step` sees the attention rows of the newest queries
-    ([H_q, q, L] over the current cache, float32) and returns indices to keep ([H_kv, k]) or None."""
+    ([H_q, q, L] over the current cache, float32) and returns indices to keep ([H_kv, k]) or None.
+    Decoders that need more than the rows (the queries themselves, the values) override `on_step`."""
 
     def step(self, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def on_step(self, step: DecodeStep) -> "torch.Tensor | Selection | None":
+        return self.step(step.rows(), step.keys)
 
 
 @dataclass
@@ -297,9 +336,31 @@ class Method:
     def decoder(self, ctx: DecodeContext) -> LayerDecoder | None:
         return None
 
+    # ---- transforms after selection (methods-2.md §1.8, §4 item 4; kvbench.methods.storage) -----------------
+    def stages(self) -> tuple[str, ...]:
+        """Names of the transforms applied to the kept entries after selection, in order (ThinK's channel
+        mask, then KIVI's quantization); () for eviction only."""
+        return ()
+
+    def transform(self, ctx: "TransformContext") -> None:
+        """Apply this method's transforms to one layer's kept entries, in place, recording the storage."""
+
+    def lifecycle(self, storages: "list[LayerStorage]") -> "Lifecycle | None":
+        """Per-plan state the decode loop runs after every forward (KIVI's quantization of new entries)."""
+        return None
+
+    @property
+    def uses_budget(self) -> bool:
+        """False for methods that keep every token whatever the budget (FullKV, KIVI alone): one plan each."""
+        return self.name != "fullkv"
+
     # ---- description -----------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def parameter_names(self) -> set[str]:
+        """What --method-arg may set on this method (a wrapper's include its inner method's)."""
+        return set(self.params())
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.params().items())
