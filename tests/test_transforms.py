@@ -221,26 +221,27 @@ def test_rows_report_formula_bytes_and_simulated_storage(tiny_model_dir, tiny_da
                         "--tasks", RUN_TASK, "--data-dir", str(tiny_data_dir), "--results", str(results),
                         "--device", "cpu", "--limit", "2"], capsys)
     assert code == 0, err
-    assert "snapkv+kivi4: select -> kivi4; storage simulated" in err  # the run log
+    assert "snapkv+kivi4(group_size=8,residual=32): select -> kivi4; storage simulated" in out + err  # the run log
     rows = store.load_all_rows(results)
     assert len(rows) == 8
     d, heads, layers, s = 8, 2, 2, 4  # the tiny model folder: hidden 32, 4 heads / 2 KV heads, float32
     for row in rows:
+        method = row["method"].split("(")[0]  # the label names the --method-arg values: kivi2(group_size=8,...)
         t = row["prefilled_tokens"]
-        k = round(0.5 * t) if row["method"] != "kivi2" else t
+        k = round(0.5 * t) if method != "kivi2" else t
         want = {"snapkv": 2 * k * d * s, "snapkv+kivi4": kivi_bytes(k, d, 4, 8, 32, s),
-                "kivi2": kivi_bytes(k, d, 2, 8, 32, s), "think": think_bytes(k, d, int(0.4 * d), 32, s)}[row["method"]]
-        assert row["cache_bytes"] == layers * heads * want, row["method"]
-        assert row["storage"] == ("physical" if row["method"] == "snapkv" else "simulated")
+                "kivi2": kivi_bytes(k, d, 2, 8, 32, s), "think": think_bytes(k, d, int(0.4 * d), 32, s)}[method]
+        assert row["cache_bytes"] == layers * heads * want, method
+        assert row["storage"] == ("physical" if method == "snapkv" else "simulated")
         assert row["full_cache_bytes"] == layers * heads * 2 * t * d * s
         assert row["byte_ratio"] == round(row["cache_bytes"] / row["full_cache_bytes"], 6)
         assert row["token_keep_ratio"] == round(k / t, 6)
-        assert row["cache_bytes_allocated"] >= layers * heads * 2 * k * d * s > row["cache_bytes"] or row["method"] == "snapkv"
-        assert (row["stages"] is None) == (row["method"] == "snapkv")
+        assert row["cache_bytes_allocated"] >= layers * heads * 2 * k * d * s > row["cache_bytes"] or method == "snapkv"
+        assert (row["stages"] is None) == (method == "snapkv")
         if row["stages"]:
             assert row["stages"][-1]["bytes"] == row["cache_bytes"]
             assert row["stages"][0] == {"stage": "select", "bytes": layers * heads * 2 * k * d * s}
-    assert {r["budget"] for r in rows if r["method"] == "kivi2"} == {"full"}
+    assert {r["budget"] for r in rows if r["method"].startswith("kivi2")} == {"full"}
 
 
 # ---- decoding-time compression -----------------------------------------------------------------------------

@@ -66,10 +66,23 @@ class MethodChoice:
     method: Method
 
 
+_CHECKING: dict[str, dict[str, Any]] = {}  # presets files being checked, by path (their raw YAML)
+
+
 def presets() -> dict[str, dict[str, Any]]:
     path = resources.config_path("methods.yaml")
     shown = path.relative_to(resources.ROOT) if path.is_relative_to(resources.ROOT) else path
-    return check_presets(resources.load_yaml(path), str(shown))
+    raw = resources.load_yaml(path)
+    if str(path) in _CHECKING:
+        # Checking a wrapper preset builds its inner method, which may itself be a preset of this file: it is
+        # resolved against the raw table (its own entry is checked in turn by the same pass).
+        table = raw.get("presets") or {}
+        return {str(k).strip().lower(): dict(v) for k, v in table.items() if isinstance(v, dict)}
+    _CHECKING[str(path)] = raw
+    try:
+        return check_presets(raw, str(shown))
+    finally:
+        del _CHECKING[str(path)]
 
 
 def check_presets(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
