@@ -273,6 +273,7 @@ def sensitivity(
     fit_range: Optional[str] = typer.Option(None, help="w_lo,w_hi of the fit (default 8,256; --quick 8,128)"),
     sink: int = typer.Option(4, help="sink tokens of sink+recent"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: auto, 1 while the CPUs are busy)"),
+    bootstrap: int = typer.Option(1000, help="bootstrap resamples of documents for the 95% CIs"),
 ) -> None:
     """KL(full || truncated) vs kept context: power law vs exponential, sink+recent, random retention, and
     registered methods against suffix-only scaling. Resumes where an interrupted run of the same study stopped."""
@@ -288,7 +289,7 @@ def sensitivity(
         windows=_int_list(windows, "--windows"), policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         seeds=seeds, quick=quick, out_dir=out, device=device, dtype=dtype,
-        fit_range=(fit[0], fit[1]) if fit else None, sink=sink, threads=threads,
+        fit_range=(fit[0], fit[1]) if fit else None, sink=sink, threads=threads, bootstrap=bootstrap,
     )
     result = study.run_sensitivity(opts, log=_err)
     print(result.report())
