@@ -12,13 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import RUN_TASK, write_task_data
+from test_reliability import _wait_for
 
 from kvbench.results import store
 from kvbench.studies.sensitivity import SensitivityOptions, run_sensitivity
@@ -186,16 +186,6 @@ def test_a_torn_and_partial_file_is_completed_without_duplicates(tiny_model_dir,
     code, stdout, err = run_cli(study_args(tiny_model_dir, data_dir, out), capsys)
     assert code == 0 and "(0 measured now)" in stdout, err
     assert_same_measurements(out / "kl_raw.jsonl", complete / "kl_raw.jsonl")
-
-
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the study ended (rc {proc.returncode}) before {what}: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.slow
