@@ -232,8 +232,8 @@ def plan_study(opts: SensitivityOptions, documents: Sequence[Document], model_li
         "budget": "B counts every kept token including x_t; sink_recent only for B > s",
         "random": "{t-1} + B-1 of {0..t-2} uniformly without replacement, numpy default_rng(sha256(seed, doc, t, B, r)); "
                   "one set per (doc, t, B, r) shared by both position modes and M1/M2; layer- and head-shared",
-        "fit": f"least squares (numpy.polyfit) of ln D on ln w (power) and on w (exp), fit range {list(fit_range)}, holdout w > {fit_range[1]}; "
-               "R2 on the log scale; holdout error = RMSE of log10(fit/measured) in decades",
+        "fit": f"least squares (numpy.polyfit) of ln D on ln w (power) and on w (exp), fit range {list(fit_range)}, "
+               f"holdout w > {fit_range[1]}; R2 on the log scale; holdout error = RMSE of log10(fit/measured) in decades",
         "bootstrap": f"{opts.bootstrap} resamples of documents with replacement (numpy seed [{opts.seed}, 20260525]), "
                      "percentile 95% CIs; one set of resamples shared by every curve (paired differences)",
         "alpha_sr": "power-law fit of sink_recent (contiguous, M1) mean KL vs B - s over the fit range",
