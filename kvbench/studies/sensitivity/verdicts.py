@@ -121,7 +121,8 @@ def open_question(ms: dict[str, Any]) -> dict[str, str]:
     if not measured or ref.get("alpha_ci") is None:
         return {"verdict": "not measured", "detail": "needs registered methods in M2 and bootstrap intervals"}
     parts = [f"{m['label']} beta {fmt(m['beta'])} [{fmt((m.get('beta_ci') or (None, None))[0])}, "
-             f"{fmt((m.get('beta_ci') or (None, None))[1])}]: {m['verdict']}" for m in measured]
+             f"{fmt((m.get('beta_ci') or (None, None))[1])}]: {m['verdict']} (vs M2 sink+recent: "
+             f"{m.get('verdict_m2_recency', 'not measured')})" for m in measured]
     beats = [m["label"] for m in measured if m["verdict"] == "beats"]
     detail = (f"alpha (M1 sliding, suffix-only) {fmt(ref['alpha'])} [{fmt(ref['alpha_ci'][0])}, {fmt(ref['alpha_ci'][1])}]; "
               + "; ".join(parts) + "; a method beats suffix-only scaling when its beta's 95% interval lies above alpha's")
