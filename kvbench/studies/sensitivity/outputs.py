@@ -8,7 +8,7 @@ import json
 import math
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,7 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def write_outputs(out_dir: Path, model: str, a: dict[str, Any], notes: Sequence[str], draw: bool,
-                  log: Callable[[str], None]) -> dict[str, str]:
+def write_outputs(out_dir: Path, model: str, a: dict[str, Any], notes: Sequence[str], draw: bool) -> dict[str, str]:
     """Tables (and figures when `draw`) into out_dir; returns {name: path} of what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"raw": str(out_dir / "kl_raw.jsonl")}

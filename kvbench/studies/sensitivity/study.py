@@ -224,7 +224,7 @@ def run_sensitivity(opts: SensitivityOptions, log: Log = print, *, loaded: Any =
     a = analyse(rows, doc_ids, plan.fit_range, opts.sink, tuple(opts.epsilons), opts.bootstrap, opts.seed,
                 methods=tuple(methods))
     notes.extend(a["notes"])
-    files = outputs.write_outputs(out_dir, subject.name, a, notes, draw, log)
+    files = outputs.write_outputs(out_dir, subject.name, a, notes, draw)
     timings["analyse_and_write_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - start
     manifest.update(status="complete", notes=notes, timings=timings, n_rows=len(rows), n_measured_this_run=n_measured,
