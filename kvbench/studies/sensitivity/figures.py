@@ -69,15 +69,15 @@ def figure_f1(path: Path, model: str, a: dict[str, Any]) -> None:
 
 
 def figure_f2(path: Path, model: str, a: dict[str, Any]) -> None:
+    """The built-in policies at equal budget (registered methods are F4's)."""
     plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     colors = {"sliding": "C0", "sink_recent": "C1", "random": "C3"}
-    extra = iter(f"C{i}" for i in (2, 4, 5, 6, 7, 8, 9) * 3)
     for key, e in sorted(a["curves"].items()):
         apply, policy, mode = key.split("/")
-        if (apply == "M1" and mode != PRIMARY_POS_MODE) or (apply == "M2" and mode != "original"):
+        if policy not in POLICIES or (apply == "M1" and mode != PRIMARY_POS_MODE) or (apply == "M2" and mode != "original"):
             continue
-        color = colors.get(policy) or next(extra)
+        color = colors[policy]
         x = np.array(e["B"], float)
         style = "-o" if apply == "M1" else ":^"
         ax.plot(x, e["mean"], style, color=color, ms=4, label=f"{policy} ({apply}{', ' + mode if apply == 'M1' else ''})")
