@@ -241,10 +241,31 @@ def test_prefill_then_evict_with_registered_methods():
     assert m2[("sliding", 8)]["kl_fwd"] > 1e-3
 
 
-def test_m2_with_uneven_layer_budgets_matches_masked_full_attention():
-    """PyramidKV keeps a different number of tokens in each layer. Its M2 divergence must equal the one of a plain
-    causal forward over x_1..x_t in which, in every layer, the last query sees only that layer's kept prefix
-    positions (per KV head) and itself: masking instead of gathering, an independent construction."""
+def ragged_heads():
+    """A method whose two KV heads keep different numbers of tokens: head 0 the last `kept` prefix positions,
+    head 1 the last kept // 2 (a ragged Selection, as the head-adaptive methods return)."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from kvbench.methods.base import Method, Selection
+
+    @dataclass
+    class RaggedHeads(Method):
+        name: ClassVar[str] = "ragged_heads"
+
+        def select(self, ctx):
+            n = ctx.n_tokens
+            return Selection.from_rows([torch.arange(n - k, n) for k in (ctx.kept, max(1, ctx.kept // 2))])
+
+    return RaggedHeads()
+
+
+@pytest.mark.parametrize("name", ["pyramidkv", "ragged_heads"])
+def test_m2_with_uneven_kept_lengths_matches_masked_full_attention(name):
+    """PyramidKV keeps a different number of tokens in each layer; `ragged_heads` a different number in each
+    head. Their M2 divergence must equal the one of a plain causal forward over x_1..x_t in which, in every layer,
+    the last query sees only that layer's kept prefix positions (per KV head) and itself: masking instead of
+    gathering, an independent construction."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -254,15 +275,18 @@ def test_m2_with_uneven_layer_budgets_matches_masked_full_attention():
     model = make_model(layers=3, seed=4)
     attention.install(model)
     doc = [int(x) for x in np.random.default_rng(5).integers(0, 128, 300)]
-    t, budget, method = 250, 32, build("pyramidkv").method
-    cfg = measure.MeasureConfig(windows=(budget,), policies=(), apply_modes=("M2",), methods={"pyramidkv": method})
+    t, budget = 250, 32
+    method = build(name).method if name == "pyramidkv" else ragged_heads()
+    cfg = measure.MeasureConfig(windows=(budget,), policies=(), apply_modes=("M2",), methods={name: method})
     (row,) = rows_of(model, doc, [t], cfg, doc_id="d")
 
     scorers = measure.PrefixScorers([method], 3, [t - 1])
     _, cache = measure.full_pass(model, doc, [t], keep_cache=True, observer=scorers)
     selections = measure.select_layers(method, scorers.by_length[t - 1], cache, t - 1, budget - 1, group=2, seed=0)
-    kept = measure.uniform_indices("pyramidkv", selections)
-    assert len({k.shape[1] for k in kept}) > 1, "the layers must keep different numbers of tokens"
+    kept = [sel.rows() for sel in selections]  # per layer, per KV head
+    lengths = {len(r) for rows in kept for r in rows} if name == "ragged_heads" else {len(rows[0]) for rows in kept}
+    assert len(lengths) > 1, "the layers (or heads) must keep different numbers of tokens"
+    assert row["n_kept"] == max(len(r) for rows in kept for r in rows) + 1
 
     def masked(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         kwargs.pop("is_causal", None)
@@ -272,7 +296,7 @@ def test_m2_with_uneven_layer_budgets_matches_masked_full_attention():
         allow[0, :, n - 1, :] = False
         allow[0, :, n - 1, n - 1] = True
         for head in range(h_q):
-            allow[0, head, n - 1, kept[module.layer_idx][head // group]] = True
+            allow[0, head, n - 1, kept[module.layer_idx][head // group]] = True  # that KV head's rows
         return sdpa_attention_forward(module, query, key, value, allow, dropout, scaling, is_causal=False, **kwargs)
 
     AttentionInterface.register("kvbench_test_masked", masked)

@@ -9,7 +9,8 @@ M2 prefills x_1..x_{t-1} with full attention, keeps the cached keys/values of S 
 query at its original position (kept KVs carry information from evicted tokens). M2 also measures registered
 kvbench methods at the same budget, through the engine's own parts: the prefill scores come from the engine's
 `PrefillObserver` fed by the attention-observer hook (`attention.observing`), the kept sets from the method's
-`select`, the pruned caches from `gather_tokens` and `make_cache`.
+`select` (a `Selection`, heads of one layer may keep different numbers of tokens), the pruned caches from the
+engine's `KeptLayer.gather` into its `RaggedCache`, masked per head in kvbench's attention (`attention.decoding`).
 
 One causal forward over the document gives every P_t and, by causality, every prefix x_1..x_{t-1}: its
 queries, keys and values are the first t-1 positions of that forward (`PrefixScorers` hands each prefix to its
@@ -18,8 +19,10 @@ one batch (at most `batch_tokens` tokens). An explicit all-ones attention mask i
 transformers reads non-consecutive position ids (original mode with gaps) as *packed sequences* and would
 silently build a block-diagonal mask.
 
-A measurement is a `Cell` (document, t, policy, budget, position mode, apply mode, repeat); its `key` names
-the row in kl_raw.jsonl, so a resumed study measures only the cells it lacks (`measure_document(done=...)`)."""
+A measurement is a `Cell` (document, t, policy, budget, position mode, apply mode, repeat, and for a registered
+method the fingerprint of its name, hyper-parameters and code version); its `key` names the row in
+kl_raw.jsonl, so a resumed study measures only the cells it lacks (`measure_document(done=...)`) and a method
+whose code changed is measured again rather than mixed with rows of its older version."""
 
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvbench.errors import InputError
 from kvbench.studies.sensitivity.policies import (
     POLICIES, POS_MODES, derive_seed, kept_digest, kept_indices, position_ids,
 )
@@ -84,11 +86,20 @@ class Cell:
     pos_mode: str
     apply_mode: str
     repeat: int | None = None
+    method_fp: str | None = None  # registered methods: digest of name, hyper-parameters and code version
 
     @property
     def key(self) -> str:
         """The row's `_id` in kl_raw.jsonl."""
-        return json.dumps([self.doc_id, self.t, self.policy, self.budget, self.pos_mode, self.apply_mode, self.repeat])
+        fields = [self.doc_id, self.t, self.policy, self.budget, self.pos_mode, self.apply_mode, self.repeat]
+        return json.dumps(fields + ([self.method_fp] if self.method_fp else []))
+
+
+def method_fingerprint(method: Any) -> str:
+    """What fixes a registered method's selection: its name, hyper-parameters and code version."""
+    from kvbench.results.store import digest
+
+    return digest({"method": method.name, "params": method.params(), "version": getattr(method, "version", 1)})
 
 
 @dataclass
@@ -125,10 +136,11 @@ def plan_cells(cfg: MeasureConfig, doc_id: str, ts: Sequence[int]) -> list[Plann
                     if "M2" in cfg.apply_modes:
                         out.append(Planned(Cell(doc_id, t, policy, b, "original", "M2", r), kept, seed))
         if "M2" in cfg.apply_modes:
-            for label in cfg.methods:
+            for label, method in cfg.methods.items():
+                fp = method_fingerprint(method)
                 for b in cfg.windows:
                     if 2 <= b <= t and _budget_ok(cfg, label, b):
-                        out.append(Planned(Cell(doc_id, t, label, b, "original", "M2"), None,
+                        out.append(Planned(Cell(doc_id, t, label, b, "original", "M2", method_fp=fp), None,
                                            derive_seed(cfg.base_seed, doc_id, t, b, 1)))
     return out
 
@@ -205,57 +217,68 @@ def reencode_divergences(model: Any, contexts: Sequence[Context], ref_logp: torc
 
 @dataclass
 class Eviction:
-    """One M2 measurement: for query t, the prefix positions kept per layer ([H_kv, k] each, or one shared
-    1-D array for every layer and head)."""
+    """One M2 measurement: for query t, the prefix positions kept, either one shared 1-D array for every layer
+    and head (the built-in policies) or a `Selection` per layer (a registered method)."""
 
     t: int
-    kept: np.ndarray | list[torch.Tensor]
+    kept: np.ndarray | list[Any]
     ref: int
 
 
 @torch.inference_mode()
 def evict_divergences(model: Any, cache: Any, ids: Sequence[int], evictions: Sequence[Eviction],
                       ref_logp: torch.Tensor, batch_tokens: int = 8192) -> Iterator[tuple[list[int], np.ndarray]]:
-    """M2: keep the full pass's cached K/V at the given prefix positions (engine.gather_tokens into a cache from
-    engine.make_cache), run x_t (ids[t-1]) as the query at its original position t-1, and compare with the
-    full-context distribution. Yields (eviction indices, [n, 3]) batch after batch."""
-    from kvbench.engine import gather_tokens, make_cache
+    """M2: keep the full pass's cached K/V at the given prefix positions (the engine's KeptLayer.gather into its
+    RaggedCache), run x_t (ids[t-1]) as the query at its original position t-1, and compare with the
+    full-context distribution. Yields (eviction indices, [n, 3]) batch after batch.
+
+    Evictions are batched only with others of the same per-layer widths whose heads all keep the same number
+    of tokens, so such a batch needs no mask and computes what one eviction alone computes; a ragged selection
+    (heads of a layer keeping different numbers) is measured alone, masked per head in kvbench's attention."""
+    from kvbench.engine import attention
+    from kvbench.engine.cache import KeptLayer, RaggedCache
+    from kvbench.methods.base import Selection
 
     device = _device(model)
     layers = cache.layers
     n_layers, n_heads = len(layers), layers[0].keys.shape[1]
 
-    def per_layer(e: Eviction) -> list[torch.Tensor]:
+    def selections(e: Eviction) -> list[Any]:
         if isinstance(e.kept, np.ndarray):
             idx = torch.as_tensor(e.kept, dtype=torch.long, device=device)
-            return [idx[None].expand(n_heads, -1)] * n_layers
-        return [k.to(device) for k in e.kept]
+            return [Selection.uniform(idx[None].expand(n_heads, -1))] * n_layers
+        return list(e.kept)
 
-    groups: dict[tuple[int, ...], list[int]] = {}
-    index_lists = [per_layer(e) for e in evictions]
-    for i, idx in enumerate(index_lists):
-        groups.setdefault(tuple(int(k.shape[1]) for k in idx), []).append(i)
+    groups: dict[tuple, list[int]] = {}
+    per_eviction = [selections(e) for e in evictions]
+    for i, sels in enumerate(per_eviction):
+        uniform = all(sel.is_uniform for sel in sels)
+        groups.setdefault(tuple(sel.k_max for sel in sels) if uniform else ("ragged", i), []).append(i)
     for sizes, members in groups.items():
-        rows = max(1, batch_tokens // max(1, max(sizes)))
+        widths = [sel.k_max for sel in per_eviction[members[0]]]
+        rows = max(1, batch_tokens // max(1, max(widths)))
         for start in range(0, len(members), rows):
             chunk = members[start : start + rows]
             query = torch.as_tensor([[ids[evictions[i].t - 1]] for i in chunk], dtype=torch.long, device=device)
             qpos = torch.as_tensor([[evictions[i].t - 1] for i in chunk], dtype=torch.long, device=device)
-            if max(sizes) == 0:
+            if max(widths) == 0:
                 logits = model(input_ids=query, position_ids=qpos, attention_mask=torch.ones_like(query),
                                use_cache=False, logits_to_keep=1).logits[:, -1]
             else:
-                # Rows are grouped by their per-layer lengths, so a batch needs no padding. Layers of different
-                # lengths (PyramidKV) need kvbench's attention, whose causal mask follows each layer's own length;
-                # the 2-D mask below has layer 0's length, the one transformers builds its mask from.
-                if min(sizes) != max(sizes) and getattr(model.config, "_attn_implementation", "") != "kvbench":
-                    raise ValueError("M2 with per-layer kept lengths needs kvbench's attention (kvbench.engine.attention.install)")
-                kept = [(torch.cat([gather_tokens(layers[layer].keys, index_lists[i][layer]) for i in chunk]),
-                         torch.cat([gather_tokens(layers[layer].values, index_lists[i][layer]) for i in chunk]))
-                        for layer in range(n_layers)]
-                mask = torch.ones(len(chunk), sizes[0] + 1, dtype=torch.long, device=device)
-                logits = model(input_ids=query, position_ids=qpos, attention_mask=mask,
-                               past_key_values=make_cache(model, kept), use_cache=True, logits_to_keep=1).logits[:, -1]
+                # Layers of different widths (PyramidKV) and ragged heads need kvbench's attention, whose masks
+                # follow each layer's own rows; the 2-D mask below has layer 0's width, the one transformers
+                # builds its mask from.
+                if (min(widths) != max(widths) or sizes[0] == "ragged") and \
+                        getattr(model.config, "_attn_implementation", "") != "kvbench":
+                    raise ValueError("M2 with per-layer or per-head kept lengths needs kvbench's attention "
+                                     "(kvbench.engine.attention.install)")
+                kept = RaggedCache([[KeptLayer.gather(layers[layer].keys[0], layers[layer].values[0],
+                                                      per_eviction[i][layer]) for layer in range(n_layers)]
+                                    for i in chunk], reserve=1)
+                mask = torch.ones(len(chunk), widths[0] + 1, dtype=torch.long, device=device)
+                with attention.decoding(kept):
+                    logits = model(input_ids=query, position_ids=qpos, attention_mask=mask, past_key_values=kept,
+                                   use_cache=True, logits_to_keep=1).logits[:, -1]
             div = divergences(ref_logp[[evictions[i].ref for i in chunk]], log_probs(logits).cpu()).numpy()
             yield list(chunk), div
 
@@ -272,9 +295,17 @@ class PrefixScorers:
 
         self.by_length = {int(n): PrefillObserver(list(methods), n_layers) for n in lengths}
 
-    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    @property
+    def wants_lse(self) -> bool:
+        """Column-sum scorers take the attention kernel's log-sum-exp, as in the engine's prefill."""
+        return any(observer.wants_lse for observer in self.by_length.values())
+
+    def on_attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     lse: torch.Tensor | None = None) -> None:
+        # a query's log-sum-exp covers the keys up to itself, so it too is the prefix's
         for n, observer in self.by_length.items():
-            observer.on_attention(module, query[:, :, :n], key[:, :, :n], value[:, :, :n])
+            observer.on_attention(module, query[:, :, :n], key[:, :, :n], value[:, :, :n],
+                                  lse=None if lse is None else lse[:, :, :n])
 
 
 def select_layers(method: Any, observer: Any, cache: Any, n_prefix: int, kept: int, group: int,
@@ -295,16 +326,6 @@ def select_layers(method: Any, observer: Any, cache: Any, n_prefix: int, kept: i
         previous = keep
         out.append(Selection.of(keep))
     return out
-
-
-def uniform_indices(label: str, selections: Sequence[Any]) -> list[torch.Tensor]:
-    """[H_kv, k] per layer. A ragged selection (heads of one layer keeping different numbers of tokens) needs a
-    cache with per-head lengths, which M2 does not build yet: refused by name rather than measured wrongly."""
-    for layer, sel in enumerate(selections):
-        if not sel.is_uniform:
-            raise InputError(f"method {label}: layer {layer} keeps different numbers of tokens per head; M2 cannot "
-                             "measure ragged selections yet")
-    return [sel.indices.long() for sel in selections]
 
 
 # ---- one document -----------------------------------------------------------------------------------------
@@ -345,12 +366,12 @@ def measure_document(model: Any, ids: Sequence[int], ts: Sequence[int], cfg: Mea
         c = p.cell
         method = cfg.methods[c.policy]
         sel = select_layers(method, scorers.by_length[c.t - 1], cache, c.t - 1, c.budget - 1, group, p.rng_seed)
-        per_layer = uniform_indices(c.policy, sel)
         # one eviction at a time: batching them would change the float arithmetic of these rows
-        ((_, div),) = list(evict_divergences(model, cache, ids, [Eviction(c.t, per_layer, ref_of[c.t])], ref_logp,
+        ((_, div),) = list(evict_divergences(model, cache, ids, [Eviction(c.t, sel, ref_of[c.t])], ref_logp,
                                              cfg.batch_tokens))
-        extra = {"n_kept": int(max(k.shape[1] for k in per_layer)) + 1,
-                 "kept_digest": kept_digest(np.concatenate([k.cpu().numpy().ravel() for k in per_layer]))}
+        # n_kept: the most any layer's head keeps, x_t included; the digest covers every head's kept entries
+        extra = {"n_kept": max(int(x.lengths.max()) for x in sel) + 1, "method_fp": c.method_fp,
+                 "kept_digest": kept_digest(np.concatenate([r.cpu().numpy() for x in sel for r in x.rows()]))}
         yield [_row(base, p, cfg, div[0], extra)]
 
 
