@@ -81,18 +81,22 @@ class Bootstrap:
         self.idx = rng.integers(0, n_docs, size=(n_boot, n_docs)) if n_docs > 1 and n_boot > 0 else None
         self.curves, self.lo, self.hi, self.sink = curves, lo, hi, sink
         self.means = {k: c.boot(self.idx) for k, c in curves.items()} if self.idx is not None else {}
-        self._alphas: dict[tuple, list[float | None]] = {}
+        self._alphas: dict[tuple, list[float | None]] = {}  # (curve key, against_budget) -> exponents
 
     @property
     def on(self) -> bool:
         return self.idx is not None
 
-    def alphas(self, key: tuple) -> list[float | None]:
-        if key not in self._alphas:
-            x = x_of(key[1], self.curves[key].budgets, self.sink)
-            self._alphas[key] = [(f.rate if (f := fits.fit_power(x, row, self.lo, self.hi)) else None)
-                                 for row in self.means[key]]
-        return self._alphas[key]
+    def alphas(self, key: tuple, against_budget: bool = False) -> list[float | None]:
+        """The power-law exponent of every bootstrap row of a curve, against x_of (B - s for sink+recent) or,
+        with `against_budget`, against B itself (the method-scaling comparison)."""
+        cached = (key, against_budget)
+        if cached not in self._alphas:
+            budgets = self.curves[key].budgets
+            x = budgets.astype(float) if against_budget else x_of(key[1], budgets, self.sink)
+            self._alphas[cached] = [(f.rate if (f := fits.fit_power(x, row, self.lo, self.hi)) else None)
+                                    for row in self.means[key]]
+        return self._alphas[cached]
 
 
 def analyse(rows: Sequence[dict[str, Any]], docs: Sequence[str], fit_range: tuple[int, int], sink: int,

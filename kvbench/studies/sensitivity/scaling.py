@@ -42,7 +42,7 @@ def _exponent(curves: dict[tuple, Any], boot: Any, key: tuple) -> dict[str, Any]
     f = fits.fit_power(c.budgets.astype(float), c.mean, boot.lo, boot.hi)
     out: dict[str, Any] = {"key": "/".join(key), "exponent": f.rate if f else None, "C": f.C if f else None,
                            "r2": f.r2 if f else None, "n_budgets_fitted": f.n if f else 0}
-    out["ci"] = fits.percentile_ci(boot.alphas(key)) if boot.on and f is not None else None
+    out["ci"] = fits.percentile_ci(boot.alphas(key, against_budget=True)) if boot.on and f is not None else None
     return out
 
 
@@ -73,8 +73,8 @@ def method_scaling(curves: dict[tuple, Any], boot: Any, sliding_key: tuple, meth
                                  "n_budgets_fitted": e["n_budgets_fitted"]}
         entry["delta"] = (e["exponent"] - ref["exponent"]) if None not in (e["exponent"], ref["exponent"]) else None
         if boot.on and e["exponent"] is not None and ref["exponent"] is not None:
-            entry["delta_ci"] = fits.percentile_ci([b - a if b is not None and a is not None else None
-                                                    for b, a in zip(boot.alphas(key), boot.alphas(sliding_key))])
+            pairs = zip(boot.alphas(key, against_budget=True), boot.alphas(sliding_key, against_budget=True))
+            entry["delta_ci"] = fits.percentile_ci([b - a if b is not None and a is not None else None for b, a in pairs])
         entry["verdict"] = verdict(e["ci"], ref["ci"])
         entry["verdict_m2_recency"] = verdict(e["ci"], recency["ci"]) if recency else "not measured"
         for budget in RATIO_BUDGETS:
