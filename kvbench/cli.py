@@ -324,26 +324,36 @@ def sensitivity(
     docs: Optional[int] = typer.Option(None, help="documents (default 64; --quick 8)"),
     positions: Optional[int] = typer.Option(None, help="query positions per document (default 8; --quick 2)"),
     windows: Optional[str] = typer.Option(None, help="window/budget grid, comma list (default: log-spaced)"),
-    policies: str = typer.Option("sliding,sink_recent,random", help="retention policies at equal budget"),
+    policies: str = typer.Option("sliding,sink_recent,random", help="built-in retention policies at equal budget"),
+    methods: str = typer.Option("", help="registered methods or presets measured prefill-then-evict (M2) for the "
+                                "method-scaling table T4, comma list; 'scaling' = snapkv,h2o_prefill,tova,knorm,chunkkv,"
+                                "streamingllm_prefill"),
     seeds: Optional[int] = typer.Option(None, help="random-retention repeats (default 5; --quick 1)"),
     quick: bool = typer.Option(False, help="a small grid that finishes in minutes on a CPU"),
-    out: Optional[Path] = typer.Option(None, help="output folder (default results/sensitivity/<model>)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default results/sensitivity/<model>); a rerun "
+                                       "with the same folder resumes"),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     fit_range: Optional[str] = typer.Option(None, help="w_lo,w_hi of the fit (default 8,256; --quick 8,128)"),
     sink: int = typer.Option(4, help="sink tokens of sink+recent"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: auto, 1 while the CPUs are busy)"),
+    bootstrap: int = typer.Option(1000, help="bootstrap resamples of documents for the 95% CIs"),
 ) -> None:
-    """KL(full || truncated) vs kept context: power law vs exponential, sink+recent, random retention."""
-    from kvbench import sensitivity as study
+    """KL(full || truncated) vs kept context: power law vs exponential, sink+recent, random retention, and
+    registered methods against suffix-only scaling. Resumes where an interrupted run of the same study stopped."""
+    from kvbench.studies import sensitivity as study
 
     fit = _int_list(fit_range, "--fit-range")
     if fit is not None and (len(fit) != 2 or fit[0] >= fit[1]):
         raise KvbenchError(f"--fit-range must be w_lo,w_hi with w_lo < w_hi, got '{fit_range}'")
+    if threads is not None and threads < 1:
+        raise KvbenchError(f"--threads must be >= 1, got {threads}")
     opts = study.SensitivityOptions(
         model=model, data_dir=data_dir, tasks=tasks, docs=docs, positions=positions,
         windows=_int_list(windows, "--windows"), policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         seeds=seeds, quick=quick, out_dir=out, device=device, dtype=dtype,
-        fit_range=(fit[0], fit[1]) if fit else None, sink=sink,
+        fit_range=(fit[0], fit[1]) if fit else None, sink=sink, threads=threads, bootstrap=bootstrap,
     )
     result = study.run_sensitivity(opts, log=_err)
     print(result.report())
