@@ -72,10 +72,12 @@ def build_press_2025(name: str, cr: float, spec: dict):
     if name == "block_keydiff":
         return BlockPress(press=KeyDiffPress(compression_ratio=cr), block_size=int(spec.get("block_size", 128)))
     if name == "expected_attention":
-        return ExpectedAttentionPress(compression_ratio=cr, n_future_positions=int(spec.get("n_future_positions", 512)),
+        return ExpectedAttentionPress(compression_ratio=cr,
+                                      n_future_positions=int(spec.get("n_future_positions", 512)),
                                       n_sink=int(spec.get("n_sink", 4)),
                                       use_covariance=bool(spec.get("use_covariance", True)),
-                                      use_vnorm=bool(spec.get("use_vnorm", True)), epsilon=float(spec.get("epsilon", 0.0)))
+                                      use_vnorm=bool(spec.get("use_vnorm", True)),
+                                      epsilon=float(spec.get("epsilon", 0.0)))
     if name == "lagkv":
         return LagKVPress(compression_ratio=cr, n_sink=int(spec.get("n_sink", 4)),
                           lag_size=int(spec.get("lag_size", 128)), cross_scoring=bool(spec.get("cross_scoring", False)))

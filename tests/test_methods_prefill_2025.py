@@ -232,7 +232,8 @@ def ref_rotation(rotary: LlamaRotaryEmbedding, position: int, d: int) -> torch.T
     return torch.diag(c) + torch.diag(s) @ p
 
 
-def ea_view(h_q: int, h_kv: int, t: int, d: int, yarn: bool, seed: int) -> tuple[LayerView, torch.Tensor, LlamaRotaryEmbedding]:
+def ea_view(h_q: int, h_kv: int, t: int, d: int, yarn: bool,
+            seed: int) -> tuple[LayerView, torch.Tensor, LlamaRotaryEmbedding]:
     """A view whose queries are RoPE'd (by the reference rotation) from known pre-RoPE queries."""
     g = torch.Generator().manual_seed(seed)
     pre = torch.randn(h_q, t, d, generator=g, dtype=torch.float64) + 0.5  # a non-zero mean direction
@@ -356,6 +357,21 @@ def test_criticalkv_needs_an_output_projection():
         CriticalKV().score(view)
     with pytest.raises(InputError, match="first_stage_ratio"):
         build("criticalkv", {"first_stage_ratio": "1.5"})
+
+
+# ---- every scored method on half-precision inputs ----------------------------------------------------------
+def test_half_precision_views_score_in_float32():
+    view, _, _ = ea_view(6, 2, 40, 8, False, seed=2)
+    o_proj = torch.nn.Linear(6 * 8, 12, bias=False).bfloat16()
+    half = LayerView(0, 1, view.query.bfloat16(), view.keys.bfloat16(), view.values.bfloat16(), view.scaling,
+                     module=SimpleNamespace(o_proj=o_proj), rope=view.rope)
+    for method in (ExpectedAttention(), LagKV(lag_size=8), ObservedAttention(), CriticalKV(window_size=4)):
+        scores = method.score(half)
+        assert scores.dtype == torch.float32 and scores.isfinite().all(), method.name
+        keep = method.select(ctx_for(half, 12, scores))
+        assert keep.shape == (2, 12) and all(len(set(row)) == 12 for row in keep.tolist()), method.name
+    for method in (KeyDiff(), BlockKeyDiff(block_size=8)):
+        assert method.select(ctx_for(half, 12, None)).shape == (2, 12)
 
 
 # ---- registry, properties, `kvbench methods` -------------------------------------------------------------
@@ -484,7 +500,8 @@ def test_sweep_rows_cache_bytes_match_the_prediction(smollm2, shared_longbench, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "kvbench", "run", "--model", "smollm2-135m", "--method",
                            ",".join(NEW), "--ratio", "0.1", "--tasks", "multifieldqa_en", "--limit", "1",
-                           "--max-length", "1500", "--data-dir", str(shared_longbench), "--results", str(results)],
+                           "--max-length", "1500", "--data-dir", str(shared_longbench / "minilongbench"), "--results",
+                           str(results)],
                           env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in load_all_rows(results) if r["method"] in NEW]

@@ -16,8 +16,8 @@ A method is a dataclass whose fields are its hyper-parameters. The engine calls 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch

@@ -9,7 +9,8 @@ Per layer and query head h, with q the pre-RoPE queries of the prefill positions
 2. R = mean over the future positions p = T .. T + n_f - 1 of the RoPE rotation R_p, from the model's rotary
    embedding (attention_scaling included, as the model applies it); mu' = R mu, Sigma' = R Sigma R^T;
 3. for the cached (post-RoPE) keys k_j, j >= n_s, of the query head's KV head:
-       z_hj = s k_j . mu' + (s^2 / 2) k_j^T Sigma' k_j      (s = the attention scaling, 1/sqrt(d))
+       z_hj = s k_j . mu' + (s^2 / 2) k_j^T Sigma' k_j
+   (s = the layer's attention scaling: 1/sqrt(d) on Llama, Qwen, Mistral, which kvpress always uses)
    i.e. log E[exp(s q.k)] for q ~ N(mu', Sigma'); p_h = softmax_j z_h (over j >= n_s);
 4. GQA: p reduced over the group with `gqa_reduce` (mean, as kvpress);
 5. if use_vnorm: s_j = (p_j + eps) |v_j|_2;

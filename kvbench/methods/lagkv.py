@@ -13,9 +13,11 @@ Per KV head, with n_s = `n_sink`, L = `lag_size`, T prompt tokens:
 - T < n_s + 2L: sinks score 1, token j >= n_s scores (j - n_s) / (T - n_s): sinks plus the most recent
   tokens, i.e. StreamingLLM (kvpress's comment says "no compression"; its code does this).
 Keep the top C per KV head over all positions (the global rank threshold). Ties go to the earlier token;
-kvpress leaves them to torch.topk's order, so when C < n_s + tail kvbench keeps the sinks and the earliest tail
-tokens and kvpress whichever of those equal scores topk returns (on the tiny model of methods-2 §5.1: not the
-sinks; tests/test_kvpress_parity_2025.py pins it). No compression when T <= C. Scores in float32; `eps` = 0
+kvpress leaves them to torch.topk's order. Ties are the rule here, not the exception: every rank value is shared
+by one token of each partition, and the sinks and tail all score 1. So whenever C does not end on a whole rank
+(or C < n_s + tail), the two keep different tokens among those at the boundary score: kvbench the earlier
+partitions' (or the sinks, then the earliest tail tokens), kvpress whichever topk returns (on the tiny model of
+methods-2 §5.1: not the sinks). tests/test_kvpress_parity_2025.py pins this. No compression when T <= C. Scores in float32; `eps` = 0
 reproduces kvpress exactly, including the NaN a channel constant over a reference partition produces there.
 
 The official LagKV (AI-Lab-China-Merchants-Bank/LagKV `lag_kv.py`) differs: it is a continuous cache that
