@@ -445,7 +445,7 @@ def test_e2e_full_ratio_reproduces_fullkv_and_ten_percent_bytes(e2e):
         assert gen.kept_per_layer == [68] * 4, name
         assert gen.cache_bytes == round(0.1 * full.full_cache_bytes), name  # 68 / 680 exactly
         assert len(gen.token_ids) == 5
-        assert len({tuple(map(tuple, k.tolist())) for k in gen.kept_indices}) > 1, name  # layers choose
+        assert len({tuple(map(tuple, k.indices.tolist())) for k in gen.kept_indices}) > 1, name  # layers choose
 
 
 def test_e2e_prerope_queries_are_the_projections(e2e):
@@ -461,7 +461,7 @@ def test_e2e_prerope_queries_are_the_projections(e2e):
             seen[view.layer] = view.query_prerope("probe")
             return super().score(view)
 
-    observer = PrefillObserver([Probe()], 4, model)
+    observer = PrefillObserver([Probe()], 4, model=model)
     try:
         with torch.inference_mode(), attention.observing(observer):
             model(input_ids=torch.tensor([prompt.ids[:200]]), position_ids=torch.arange(200)[None])
@@ -486,6 +486,22 @@ def test_runs_without_these_methods_never_touch_the_rotary_embedding(e2e, monkey
     assert [g.kept_per_layer for g in run.generations] == [[68] * 4] * 4
     with pytest.raises(AssertionError, match="rope.for_model called"):
         Engine(model, StubTokenizer()).run(prompt, [Plan("ea", ExpectedAttention(), Budget(ratio=0.1))])
+
+
+def test_chunked_prefill_keeps_the_same_tokens_and_refuses_expected_attention(e2e):
+    """--prefill-chunk: column sums (ObservedAttention) are accumulated over the chunks with every query counted,
+    the window (CriticalKV) comes from the last chunk's queries, keys and values are whole; Expected Attention
+    needs every query's pre-RoPE moments and is refused in one line."""
+    model, prompt, gens = e2e
+    names = [n for n in NEW if n != "expected_attention"]
+    args = {"lagkv": {"lag_size": "32"}}
+    plans = [Plan(n, build(n, args.get(n)).method, Budget(ratio=0.1)) for n in names]
+    run = Engine(model, StubTokenizer(), prefill_chunk=200).run(prompt, plans, sample_id="s0", seed=0)
+    for name, gen in zip(names, run.generations):
+        want = [k.indices.tolist() for k in gens[(name, 0.1)].kept_indices]
+        assert [k.indices.tolist() for k in gen.kept_indices] == want, name
+    with pytest.raises(InputError, match="expected_attention.*--prefill-chunk"):
+        Engine(model, StubTokenizer(), prefill_chunk=200).run(prompt, [Plan("ea", ExpectedAttention(), Budget(ratio=0.1))])
 
 
 # ---- the bytes a real run writes (slow) ------------------------------------------------------------------

@@ -21,7 +21,8 @@ or T <= n_s (kvpress asserts T > n_s). Everything in float32 (kvpress computes i
 Query-aware in the statistical sense: every prefill query enters the moments (the question's too with
 --scope full), no single query's attention row does. The kvpress leaderboard's "expected_attention" is this
 press inside AdaKV with eps = 1e-2 (head-adaptive, a later part of issue #14); this is the bare press.
-Needs a RoPE model whose frequencies do not depend on the length (kvbench.engine.rope refuses the others)."""
+Needs a RoPE model whose frequencies do not depend on the length (kvbench.engine.rope refuses the others), and
+every prefill query: with --prefill-chunk it is refused (the moments could be accumulated chunk by chunk; not done)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,9 @@ class ExpectedAttention(Method):
     def scorer_key(self) -> tuple:
         return ("expected-attention", self.n_future_positions, self.n_sink, self.use_covariance, self.use_vnorm,
                 self.epsilon, self.gqa_reduce)
+
+    def prefill_needs(self) -> frozenset[str]:
+        return frozenset({"all_queries"})  # the query moments: a chunked prefill is refused (kvbench.engine.prefill)
 
     def score(self, view: LayerView) -> torch.Tensor | None:
         if view.n_tokens <= self.n_sink:

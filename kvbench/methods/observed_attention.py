@@ -43,8 +43,13 @@ class ObservedAttention(Method):
     def scorer_key(self) -> tuple:
         return ("observed-attention", self.gqa_reduce)
 
+    def prefill_needs(self) -> frozenset[str]:
+        return frozenset({"column_sums"})
+
     def score(self, view: LayerView) -> torch.Tensor:
-        counts = observed_counts(view.n_tokens, view.query.shape[1], view.keys.device)
+        # a chunked prefill seeds column sums over every query, 0 .. T-1, while `query` holds only the last ones
+        n_queries = view.n_tokens if view.partial_queries else view.query.shape[1]
+        counts = observed_counts(view.n_tokens, n_queries, view.keys.device)
         return reduce_groups(view.column_sums() / counts, view.keys.shape[0], self.gqa_reduce)
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
