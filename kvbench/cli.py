@@ -291,12 +291,25 @@ def list_tasks() -> None:
 
 @app.command("methods", epilog=_examples("kvbench methods"))
 def list_methods() -> None:
-    """Compression methods with their defaults and source papers, then the named presets."""
+    """Compression methods by family, with their properties, defaults and source papers; then the presets."""
     from kvbench import methods
 
+    families: dict[str, list[str]] = {}  # in the order families first appear in the registry
     for name, cls in methods.METHODS.items():
-        print(f"{name:14s} {cls().describe()}")
-        print(f"{'':14s} source: {cls.source}")
+        families.setdefault(cls.family or "other", []).append(name)
+    print("query-aware: scores read the prompt's queries; head-adaptive: heads of a layer keep different "
+          "numbers of tokens; continuous: evicts while decoding")
+    for family, names in families.items():
+        print(f"\n[{family}]")
+        for name in names:
+            method = methods.METHODS.get(name)()
+            flags = [label for label, on in (("query-aware", method.query_aware),
+                                             ("head-adaptive", method.head_adaptive),
+                                             ("continuous", method.continuous)) if on]
+            print(f"{name:18s} {', '.join(flags) or '-'}")
+            print(f"{'':18s} {method.describe()}")
+            print(f"{'':18s} source: {method.source}")
+    print()
     for name, entry in methods.presets().items():
         params = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "method")
         print(f"{name:18s} preset of {entry.get('method')}: {params}")

@@ -127,7 +127,8 @@ class Engine:
         ids = torch.tensor([prompt.ids], device=device)
         n_prompt = ids.shape[1]
         split = n_prompt if scope == "full" else max(1, min(prompt.question_start, n_prompt))
-        observer = PrefillObserver([p.method for p in plans], self.n_layers, chunked=0 < self.prefill_chunk < split)
+        observer = PrefillObserver([p.method for p in plans], self.n_layers, chunked=0 < self.prefill_chunk < split,
+                                   model=self.model)  # [methods1] model: LayerView.rope
         start = time.perf_counter()
         cache, out = prefill(self.model, ids[:, :split], observer, self.prefill_chunk)
         self._sync()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from kvbench.engine import attention
+from kvbench.engine import attention, rope
 from kvbench.errors import InputError
 from kvbench.methods.base import LayerView, Method
 
@@ -32,8 +32,11 @@ from kvbench.methods.base import LayerView, Method
 class PrefillObserver:
     """Computes every requested scorer once per layer during the prefill."""
 
-    def __init__(self, methods: list[Method], n_layers: int, chunked: bool = False):
+    def __init__(self, methods: list[Method], n_layers: int, chunked: bool = False, model: Any = None):
         self.n_layers = n_layers
+        # [methods1] LayerView.module / .rope (CriticalKV's o_proj, Expected Attention's RoPE): the model's rotary
+        # embedding is looked up only when a method asks
+        self.rope = None if model is None else (lambda: rope.for_model(model))
         self.scorers: dict[tuple, Method] = {}
         for method in methods:
             key = method.scorer_key()
@@ -70,6 +73,7 @@ class PrefillObserver:
             scaling=float(module.scaling),
             max_window=self.max_window,
             lse=lse[0] if lse is not None else None,
+            module=module, rope=self.rope,  # [methods1]
         )
         if not self.chunked:
             self._score(layer, view)
@@ -89,6 +93,7 @@ class PrefillObserver:
             scaling=float(module.scaling),
             max_window=self.max_window,
             partial_queries=True,
+            module=module, rope=self.rope,  # [methods1]
         )
         if sums is not None:
             view.seed_column_sums(sums)

@@ -30,6 +30,21 @@ METHODS.register("h2o_prefill", H2OPrefill)
 METHODS.register("random", RandomKeep)
 METHODS.register("knorm", KNorm, aliases=("l2norm",))
 # --- end prefill-once methods ---
+# --- 2024-2025 prefill-once methods, same kept count in every head (issue #14, methods-2.md) ---
+from kvbench.methods.keydiff import KeyDiff  # noqa: E402
+from kvbench.methods.block_keydiff import BlockKeyDiff  # noqa: E402
+from kvbench.methods.expected_attention import ExpectedAttention  # noqa: E402
+from kvbench.methods.lagkv import LagKV  # noqa: E402
+from kvbench.methods.observed_attention import ObservedAttention  # noqa: E402
+from kvbench.methods.criticalkv import CriticalKV  # noqa: E402
+
+METHODS.register("keydiff", KeyDiff)
+METHODS.register("block_keydiff", BlockKeyDiff)
+METHODS.register("expected_attention", ExpectedAttention)
+METHODS.register("lagkv", LagKV)
+METHODS.register("observed_attention", ObservedAttention)
+METHODS.register("criticalkv", CriticalKV)
+# --- end 2024-2025 prefill-once methods ---
 # --- continuous methods (one registry line each) ---
 from kvbench.methods.h2o import H2O  # noqa: E402
 from kvbench.methods.tova import TOVA  # noqa: E402

@@ -142,6 +142,13 @@ class LayerView:
     partial_queries: bool = False  # chunked prefill: `query` is a suffix of the prefill's queries
     # [H_q, T_q] float32 log-sum-exp of each query's causal attention logits, when the attention kernel gave it
     lse: torch.Tensor | None = None
+    # The layer's attention module (its o_proj and config), for scorers that read weights (CriticalKV). None
+    # where no model is behind the view (unit tests, kvbench.sensitivity).
+    module: Any = None
+    # A zero-argument callable returning the model's kvbench.engine.rope.Rerotator: the model's own rotary
+    # embedding, looked up only when a method asks (pre-RoPE queries and future positions: Expected
+    # Attention), so models and runs without such methods never build it. None: no rotary embedding known.
+    rope: Callable[[], Any] | None = None
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def seed_column_sums(self, sums: torch.Tensor) -> None:
@@ -231,6 +238,49 @@ class LayerView:
         """Attention of the last query: [H_q, T], float32."""
         return self.window_attention(1)[:, -1, :]
 
+    def value_output_norms(self, who: str, block: int = 2048) -> torch.Tensor:
+        """[H_q, T] float32: |v_j W_O^(h)|_1 for query head h, the L1 norm of what key j's value adds to the
+        residual stream through head h's block of the output projection (o_proj.weight^T rows h d .. h d + d - 1);
+        H_q T d hidden multiply-adds, in blocks of `block` tokens so no [g, T, hidden] tensor exists at once."""
+        if "value_output_norms" not in self._cache:
+            o_proj = getattr(self.module, "o_proj", None)
+            if o_proj is None:
+                raise InputError(f"{who} needs the attention module's output projection (o_proj), which "
+                                 f"{type(self.module).__name__} does not have")
+            h_q, g, dim = self.query.shape[0], self.group, self.values.shape[-1]
+            w_o = o_proj.weight.float().t().reshape(h_q, dim, -1)  # [H_q, d, hidden]
+            values = self.values.float()
+            out = torch.empty(h_q, self.n_tokens, dtype=torch.float32, device=values.device)
+            for start in range(0, self.n_tokens, block):
+                stop = min(start + block, self.n_tokens)
+                for kv in range(values.shape[0]):
+                    projected = torch.matmul(values[kv, start:stop], w_o[kv * g : (kv + 1) * g])  # [g, b, hidden]
+                    out[kv * g : (kv + 1) * g, start:stop] = projected.abs().sum(dim=-1)
+            self._cache["value_output_norms"] = out
+        return self._cache["value_output_norms"]
+
+    def rerotator(self, who: str) -> Any:
+        """The model's Rerotator (kvbench.engine.rope); `who` names the method in the error."""
+        if self.rope is None:
+            raise InputError(f"{who} needs the model's rotary embedding, which this layer view does not carry")
+        try:
+            return self.rope()
+        except InputError as exc:
+            raise InputError(f"{who} needs a RoPE model: {exc}") from None
+
+    def query_prerope(self, who: str) -> torch.Tensor:
+        """The queries before RoPE (after any q_norm): [H_q, T_q, d], float32. RoPE is undone with the model's
+        own rotary embedding: query i sits at position T - T_q + i, and rotating it back by that position (a
+        pure rotation, attention_scaling divided out) is exact up to float rounding (~1 ulp in float32;
+        bf16 queries carry bf16's rounding of the rotated values)."""
+        if "query_prerope" not in self._cache:
+            rot = self.rerotator(who)
+            heads, tq, _ = self.query.shape
+            positions = torch.arange(self.n_tokens - tq, self.n_tokens, device=self.query.device)
+            back = rot.rotate(self.query.float(), -positions.expand(heads, tq))
+            self._cache["query_prerope"] = back / rot.scaling if rot.scaling != 1.0 else back
+        return self._cache["query_prerope"]
+
 
 @dataclass
 class SelectContext:
@@ -304,6 +354,12 @@ class Method:
     # Bumped whenever the method's code can select or score differently for the same hyper-parameters; part
     # of its configuration fingerprint, so rows of an older version never mix with newer ones.
     version: ClassVar[int] = 1
+    family: ClassVar[str] = ""  # what the scores read, for `kvbench methods`' grouping
+    # Its scores read the prompt's queries (attention rows or query statistics), so with --scope full the
+    # question steers what is kept; False: keys, values or positions only.
+    query_aware: ClassVar[bool] = False
+    # The heads of one layer keep different numbers of tokens (select() returns a ragged Selection).
+    head_adaptive: ClassVar[bool] = False
     gqa_reduce: str = "mean"  # how query-head scores become KV-head scores
     position_mode: str = "original"  # original: new tokens continue from the uncompressed length
 

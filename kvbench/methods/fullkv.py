@@ -12,6 +12,7 @@ from kvbench.methods.base import Method, SelectContext, full_indices
 @dataclass
 class FullKV(Method):
     name = "fullkv"
+    family = "reference"
     source = "no compression (reference)"
 
     def select(self, ctx: SelectContext) -> torch.Tensor:

@@ -33,6 +33,8 @@ from kvbench.methods.snapkv import checked_scores, keep_last
 @dataclass
 class H2OPrefill(Method):
     name = "h2o_prefill"
+    family = "accumulated attention"
+    query_aware = True
     source = (
         "Zhang et al. 2023, H2O, arXiv 2306.14048; prefill-once as KVCache-Factory H2OKVCluster (w=8, no pooling) "
         "with its causal-mask fix (commit 9f9aa2e)"

@@ -19,6 +19,7 @@ from kvbench.methods.base import Method, SelectContext, full_indices, topk_sorte
 @dataclass
 class KNorm(Method):
     name = "knorm"
+    family = "key/value geometry"
     source = (
         "Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, "
         "arXiv 2406.11430; selection as KVCache-Factory L2NormCluster / kvpress KnormPress"

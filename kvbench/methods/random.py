@@ -30,6 +30,7 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 @dataclass
 class RandomKeep(Method):
     name = "random"
+    family = "control"
     source = "uniform random retention with the last token kept (methods.md §2.9, ours; kvpress RandomPress per head)"
 
     share: str = "layer_shared"  # layer_shared | per_head

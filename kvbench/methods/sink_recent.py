@@ -44,6 +44,7 @@ class PositionalDecoder(LayerDecoder):
 @dataclass
 class SinkRecent(Method):
     name: ClassVar[str] = "sink_recent"
+    family: ClassVar[str] = "positional"
     source: ClassVar[str] = "StreamingLLM's sink+recent rule with generic s (Xiao et al. 2024); methods.md §2.11"
     continuous: ClassVar[bool] = False  # per instance: True in online mode (set in __post_init__)
     sinks: int = 4

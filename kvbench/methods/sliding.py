@@ -19,6 +19,7 @@ from kvbench.methods.sink_recent import MODES, PositionalDecoder, sink_recent_in
 @dataclass
 class Sliding(Method):
     name: ClassVar[str] = "sliding"
+    family: ClassVar[str] = "positional"
     source: ClassVar[str] = "H2O's Local baseline / StreamingLLM's window attention; methods.md §2.10"
     continuous: ClassVar[bool] = False  # per instance: True in online mode (set in __post_init__)
     mode: str = "prefill"

@@ -62,6 +62,8 @@ def checked_scores(ctx: SelectContext, method: str) -> torch.Tensor:
 @dataclass
 class SnapKV(Method):
     name = "snapkv"
+    family = "window attention"
+    query_aware = True
     source = (
         "Li et al. 2024, SnapKV, arXiv 2404.14469; scoring as FasterDecoding/SnapKV snapkv_utils.py, "
         "defaults w=8 k=7 maxpool as KVCache-Factory run_longbench.py, GQA as its kv_head granularity"

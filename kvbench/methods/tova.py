@@ -43,6 +43,8 @@ class TOVADecoder(LayerDecoder):
 @dataclass
 class TOVA(Method):
     name: ClassVar[str] = "tova"
+    family: ClassVar[str] = "window attention"
+    query_aware: ClassVar[bool] = True
     source: ClassVar[str] = "Oren et al. 2024 (arXiv 2401.06104); schwartz-lab-NLP/TOVA@9c7d09b src/tova_cache.py"
     continuous: ClassVar[bool] = True
 
