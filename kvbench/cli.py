@@ -116,6 +116,8 @@ def run(
     prefill_chunk: int = typer.Option(0, help="prefill in chunks of this many tokens (32k-128k prompts); 0: one piece"),
     device_map: Optional[str] = typer.Option(None, help="auto: spread a model larger than one GPU over every visible "
                                              "GPU (accelerate); default: the whole model on --device"),
+    granularity: str = typer.Option("kv_head", help="kv_head: one kept set per KV head | query_head: one per query "
+                                    "head, cache stored at H_q heads (KVCache-Factory's default; g x the bytes)"),
 ) -> None:
     """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
     from kvbench import data as data_mod, runner
@@ -127,7 +129,7 @@ def run(
         gqa_reduce=gqa_reduce, method_args=runner.parse_method_args(method_arg), max_length=max_length,
         shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
         synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
-        decode=decode, prefill_chunk=prefill_chunk, device_map=device_map,
+        decode=decode, prefill_chunk=prefill_chunk, device_map=device_map, granularity=granularity,
     )
     summary = runner.run(opts, log=_err, progress=Progress())
     sys.stdout.write(run_summary(summary))

@@ -322,6 +322,15 @@ class Method:
         """Methods with equal keys share score(); None: no scoring."""
         return None
 
+    def query_head_selection(self) -> bool:
+        """Can the query heads that share a KV head keep different tokens? Under --granularity query_head
+        (methods-2 §1.6, what KVCache-Factory does by default) such a method scores and selects per query head
+        on a cache stored at H_q heads (select sees `n_kv_heads` = H_q, `group` = 1 and keys repeated to H_q).
+        False where the kept set cannot differ between a group's query heads whatever their queries
+        (positional, layer-shared, scored from keys or values only): those keep H_kv storage, the same
+        output for 1/g of the memory."""
+        return True
+
     def prefill_needs(self) -> frozenset[str]:
         """What score() reads beyond the last `window()` queries, so a chunked prefill can provide it:
         "column_sums" (accumulated chunk by chunk) or "all_queries" (refuses chunking)."""

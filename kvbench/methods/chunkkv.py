@@ -81,6 +81,9 @@ class ChunkKV(SnapKV):
         if self.reuse_layers < 1:
             raise InputError(f"chunkkv: reuse_layers must be >= 1, got {self.reuse_layers}")
 
+    def query_head_selection(self) -> bool:
+        return self.per_head  # layer-shared chunks (the default) are the same for every head
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         device = ctx.keys.device
         if ctx.n_tokens <= ctx.kept:

@@ -32,6 +32,9 @@ class KNorm(Method):
         if any(layer < 0 for layer in self.skip_layers):
             raise InputError(f"knorm: skip_layers must be layer indices >= 0, got {self.skip_layers}")
 
+    def query_head_selection(self) -> bool:
+        return False  # scored from the keys alone: a group's query heads would keep identical sets
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if ctx.n_tokens <= ctx.kept or ctx.layer in self.skip_layers:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)
