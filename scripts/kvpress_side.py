@@ -13,6 +13,9 @@ processes stay loaded). Requests:
       context positions per layer and KV head, recovered by matching every compressed key row against the
       keys of an uncompressed prefill of the same ids (exact float equality; kvpress gathers keys without
       changing them). Not timed.
+      With "masked": for presses that mask instead of evicting (adakv, critical_adakv, duo_attention: see
+      scripts/kvpress_headwise.py), the masked context positions per layer and KV head and the press's
+      reported compression ratio.
   {"op": "quit"}
 
 Token ids come from kvbench (the same ids on both sides); no tokenizer is used for the input.
@@ -33,10 +36,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import kvpress_headwise  # noqa: E402  (this script's folder is on sys.path)
+
 
 def build_press(spec: dict):
     from kvpress import ChunkKVPress, KnormPress, PyramidKVPress, SnapKVPress, StreamingLLMPress, TOVAPress
 
+    if spec["name"] in kvpress_headwise.HEADWISE:  # presses that mask instead of evicting (methods-2 §5.2)
+        return kvpress_headwise.build(spec)
     name, cr = spec["name"], float(spec["compression_ratio"])
     if name == "knorm":
         return KnormPress(compression_ratio=cr)
@@ -136,6 +143,9 @@ def main() -> None:
                       "kept_per_layer": [layer.keys.shape[2] for layer in cache.layers]}
             if full_keys is not None:
                 result["kept"] = kept_positions(full_keys, cache)
+            if request.get("masked"):  # what a masking press evicted, and the ratio it reports
+                result["masked"] = kvpress_headwise.masked_positions(model, context.shape[1])
+                result["ratio"] = kvpress_headwise.reported_ratio(press)
             results.append(result)
         model.generation_config.eos_token_id = eos
         print(json.dumps({"results": results}), flush=True)

@@ -123,6 +123,32 @@ class Selection:
         return torch.arange(self.k_max, device=self.indices.device)[None, :] < self.lengths[:, None]
 
 
+@dataclass(frozen=True)
+class HeadRanking:
+    """One layer's per-token scores for budgets allocated across heads (Ada-KV, HeadKV), from a method that
+    selects by ranking tokens: higher is kept first, exactly as the method's own select ranks them.
+
+    scores [H, T] float over every prompt position; `protected` [T] bool marks the tokens the method keeps in
+    every head whatever their score (its observation window, attention sinks), whose scores are ignored;
+    `kept` is the layer's per-head budget as the method reads it, protected tokens included (PyramidKV: its
+    budget for this layer). Only asked for when the layer is compressed (T > kept) and kept covers the
+    protected tokens."""
+
+    scores: torch.Tensor
+    protected: torch.Tensor
+    kept: int
+
+    @classmethod
+    def with_window(cls, prefix_scores: torch.Tensor, n_tokens: int, kept: int) -> "HeadRanking":
+        """Scores of the prefix 0 .. T-w-1 [H, T-w] and a protected window of the last w tokens."""
+        heads, prefix = prefix_scores.shape
+        scores = torch.zeros(heads, n_tokens, dtype=prefix_scores.dtype, device=prefix_scores.device)
+        scores[:, :prefix] = prefix_scores
+        protected = torch.zeros(n_tokens, dtype=torch.bool, device=prefix_scores.device)
+        protected[prefix:] = True
+        return cls(scores, protected, kept)
+
+
 @dataclass
 class LayerView:
     """One layer's prefill attention as the scorers see it (batch size 1, batch dim dropped).
@@ -304,6 +330,8 @@ class Method:
     # Bumped whenever the method's code can select or score differently for the same hyper-parameters; part
     # of its configuration fingerprint, so rows of an older version never mix with newer ones.
     version: ClassVar[int] = 1
+    # select keeps the top of ranking()'s per-token scores, so Ada-KV and HeadKV can reallocate its budget
+    ranked: ClassVar[bool] = False
     gqa_reduce: str = "mean"  # how query-head scores become KV-head scores
     position_mode: str = "original"  # original: new tokens continue from the uncompressed length
 
@@ -362,6 +390,11 @@ class Method:
     def uses_budget(self) -> bool:
         """False for methods that keep every token whatever the budget (FullKV, KIVI alone): one plan each."""
         return self.name != "fullkv"
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking | None:
+        """The per-token ranking `select` keeps the top of, for wrappers that allocate budgets across heads
+        (Ada-KV, HeadKV); None: this method does not select by a per-token ranking and cannot be wrapped."""
+        return None
 
     # ---- description -----------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

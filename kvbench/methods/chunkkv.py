@@ -71,6 +71,7 @@ class ChunkKV(SnapKV):
     chunk_agg: str = "sum"  # sum (paper) | mean (kvpress, over the chunk's actual length)
     per_head: bool = False  # False: one chunk set per layer, scores summed over KV heads (kvpress)
     reuse_layers: int = 1  # N_reuse: 1 = off; 2 = paper's layer-wise index reuse
+    ranked = False  # keeps whole chunks, not the top of SnapKV's per-token ranking
 
     def __post_init__(self) -> None:
         super().__post_init__()

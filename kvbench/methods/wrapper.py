@@ -105,6 +105,9 @@ class Wrapper(Method):
     def score(self, view: LayerView) -> Any:
         return self._inner.score(view)
 
+    def query_head_selection(self) -> bool:
+        return self._inner.query_head_selection()
+
     def select(self, ctx: SelectContext) -> "torch.Tensor | Selection":
         return self._inner.select(ctx)
 
