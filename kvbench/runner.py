@@ -222,6 +222,9 @@ def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
     fields = {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
     if plan.granularity != "kv_head":  # only then, so the fingerprints of kv_head rows stay what they were
         fields["granularity"] = plan.granularity
+    artifacts = plan.method.artifacts()  # files the method reads (head tables), by sha256
+    if artifacts:
+        fields["artifacts"] = artifacts
     version = getattr(type(plan.method), "version", 1)
     if version != 1:  # version 1 adds nothing, so the fingerprints of rows written before versions existed hold
         fields["version"] = version
@@ -398,6 +401,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     device = rank_device(opts.device)
     dtype = dtype_name(opts, spec, device)
     identity = models.model_identity(spec)
+    for plan in plans:  # head tables of the run's model (HeadKV, DuoAttention): part of the fingerprints
+        plan.method.bind_model(identity, spec.name)
     protocol = protocol_fields(spec, identity, dtype, opts.decode, opts.prefill_chunk)
     protocol_fp = digest(protocol)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
@@ -467,7 +472,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             "protocol": protocol,
             "protocol_fp": protocol_fp,
             "plans": [{"method": p.label, "params": p.method.params(), "budget": p.budget.label,
-                       "granularity": p.granularity} for p in plans],
+                       "granularity": p.granularity, "artifacts": p.method.artifacts()} for p in plans],
             "tasks": [t.name for t in runnable],
             "versions": versions(),
             "git_commit": git_commit(),

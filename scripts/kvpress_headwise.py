@@ -61,3 +61,26 @@ def reported_ratio(press) -> float | None:
         return float(press.compression_ratio)
     except (AssertionError, AttributeError, TypeError):
         return None
+
+
+def duo_on_the_fly(model, request: dict) -> dict:
+    """kvpress's own DuoAttention proxy (duo_attention_on_the_fly) on the request's texts instead of BookSum: the
+    dataset loader is replaced by one returning exactly those texts (their sampled order does not change a
+    mean), so kvbench's offline proxy (kvbench.duo_patterns) can be compared with it."""
+    import pandas as pd
+    from kvpress.presses import duo_attention_press as duo
+
+    texts = list(request["texts"])
+
+    class Texts:
+        def to_pandas(self):
+            return pd.DataFrame({"chapter": texts})
+
+    original = duo.load_dataset
+    duo.load_dataset = lambda *args, **kwargs: Texts()
+    try:
+        duo.cache.clear()
+        scores = duo.duo_attention_on_the_fly(model, num_samples=len(texts), q_len=int(request.get("q_len", 500)))
+    finally:
+        duo.load_dataset = original
+    return {"scores": scores.tolist()}

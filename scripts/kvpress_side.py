@@ -16,6 +16,8 @@ processes stay loaded). Requests:
       With "masked": for presses that mask instead of evicting (adakv, critical_adakv, duo_attention: see
       scripts/kvpress_headwise.py), the masked context positions per layer and KV head and the press's
       reported compression ratio.
+  {"op": "duo_on_the_fly", "texts": [...], "q_len": 500}
+      kvpress's on-the-fly DuoAttention head scores computed on these texts (scripts/kvpress_headwise.py).
   {"op": "quit"}
 
 Token ids come from kvbench (the same ids on both sides); no tokenizer is used for the input.
@@ -115,6 +117,9 @@ def main() -> None:
         request = json.loads(line)
         if request.get("op") == "quit":
             break
+        if request.get("op") == "duo_on_the_fly":  # {"texts": [...], "q_len": 500}: kvpress's DuoAttention proxy
+            print(json.dumps(kvpress_headwise.duo_on_the_fly(model, request)), flush=True)
+            continue
         context = torch.tensor([request["context_ids"]])
         question = torch.tensor([request["question_ids"]])
         full_keys = None

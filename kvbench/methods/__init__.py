@@ -59,8 +59,12 @@ METHODS.register("decoding", Decoding)
 # --- end transforms and decoding-time wrappers ---
 # --- head-adaptive methods: heads of a layer keep different numbers of tokens (methods-2 §2.13-2.21) ---
 from kvbench.methods.adakv import AdaKV  # noqa: E402
+from kvbench.methods.headkv import HeadKV  # noqa: E402
+from kvbench.methods.duo_attention import DuoAttention  # noqa: E402
 
 METHODS.register("adakv", AdaKV, aliases=("ada_kv",))
+METHODS.register("headkv", HeadKV)
+METHODS.register("duo_attention", DuoAttention, aliases=("duoattention",))
 # --- end head-adaptive methods ---
 
 

@@ -391,6 +391,14 @@ class Method:
         """False for methods that keep every token whatever the budget (FullKV, KIVI alone): one plan each."""
         return self.name != "fullkv"
 
+    def bind_model(self, identity: str, model_name: str) -> None:
+        """Resolve what the method reads that depends on the model (head tables: kvbench.headtables), once the
+        run knows its model and before fingerprints are computed. Nothing by default."""
+
+    def artifacts(self) -> dict[str, str]:
+        """Files the method reads beyond its hyper-parameters (kind -> sha256): part of its fingerprint."""
+        return {}
+
     def ranking(self, ctx: SelectContext) -> HeadRanking | None:
         """The per-token ranking `select` keeps the top of, for wrappers that allocate budgets across heads
         (Ada-KV, HeadKV); None: this method does not select by a per-token ranking and cannot be wrapped."""
