@@ -369,7 +369,8 @@ def headscores(
                                           "from 1000 to min(10000, the model's positions))"),
     depths: Optional[str] = typer.Option(None, help="headkv: needle depths in percent, comma list (default: 10 "
                                          "from 0 to 100)"),
-    min_f1: float = typer.Option(50.0, help="headkv: a test counts when its answer's F1 x 100 is above this"),
+    min_f1: float = typer.Option(50.0, help="headkv: a test counts when its answer's F1 x 100 is above this "
+                                 "(the reference's 50; negative: every test counts, for models that fail the needles)"),
     texts: int = typer.Option(16, help="duo_attention: number of texts averaged"),
     text_tokens: int = typer.Option(2048, help="duo_attention: tokens of each text"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),

@@ -216,8 +216,8 @@ def detect(model: Any, tokenizer: Any, stop_ids: frozenset[int], texts: list[str
     accepted = [done[t.key] for t in tests if done[t.key]["f1"] > grid.min_f1]
     if not accepted:
         raise InputError(f"no test was answered with F1 above {grid.min_f1} ({len(tests)} tests): this model "
-                         "cannot do the retrieval-reasoning needles; lower --min-f1 (0 accepts every test) "
-                         "to score heads anyway")
+                         "cannot do the retrieval-reasoning needles; a negative --min-f1 accepts every test "
+                         "(heads are then scored on attention alone)")
     layers, heads = len(accepted[0]["scores"]), len(accepted[0]["scores"][0])
     table = {f"{layer}-{head}": [record["scores"][layer][head] for record in accepted]
              for layer in range(layers) for head in range(heads)}
