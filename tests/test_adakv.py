@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 from conftest import make_tiny_llama
+from test_engine_ragged import StubTokenizer
 
 from kvbench import runner
 from kvbench.engine import Engine, Plan
@@ -154,11 +155,6 @@ def test_method_args_reach_the_inner_method_through_the_runner():
 
 
 # ---- through the engine ---------------------------------------------------------------------------------------
-class StubTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
 @pytest.mark.parametrize("name", ["snapkv_adakv", "pyramidkv_adakv", "snapkv_adakv_official", "snapkv_adakv_kcf"])
 def test_engine_stores_real_per_head_lengths(name):
     torch.set_num_threads(1)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import make_tiny_llama
+from test_engine_ragged import StubTokenizer
 
 from kvbench import headtables
 from kvbench.engine import Engine, Plan
@@ -87,11 +88,6 @@ def test_proxy_pattern_invariants():
     assert bool(((pattern >= 1 / 64 - 1e-6) & (pattern <= 1 + 1e-6)).all())
     mean = (text_scores(model, texts[0], 64) + text_scores(model, texts[1], 64)) / 2
     assert torch.allclose(pattern, mean)
-
-
-class StubTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 def test_engine_bytes_follow_the_pattern(tmp_path):

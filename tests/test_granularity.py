@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama
+from test_engine_ragged import StubTokenizer
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvbench import runner
@@ -37,11 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class StubTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 def mha_llama(seed: int = 4) -> LlamaForCausalLM:

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama
+from test_engine_ragged import StubTokenizer
 
 from kvbench import headscores, headtables, runner
 from kvbench.engine import Engine, Plan
@@ -149,11 +150,6 @@ def test_detection_on_a_tiny_model_writes_headkv_layout_and_resumes(tiny_tokeniz
 
 
 # ---- through the engine and the runner ----------------------------------------------------------------------
-class StubTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
 @pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
 def test_engine_keeps_cap_plus_window_per_head(tmp_path, granularity):
     torch.set_num_threads(1)
