@@ -287,3 +287,43 @@ def test_bad_granularity_is_one_line_and_exit_2(tiny_model_dir, tiny_data_dir, t
     assert code == 2 and err.strip().splitlines() == [
         "kvbench: error: --granularity must be one of kv_head, query_head, got 'head'"]
     assert not (tmp_path / "r").exists()
+
+
+def table_args(method_name: str, tmp_path, layers: int, q_heads: int, kv_heads: int) -> dict[str, str]:
+    """Head tables for the methods that read one (a file per method, any positive values)."""
+    from kvbench import headtables
+
+    if method_name == "headkv":
+        path = tmp_path / "headkv.json"
+        headtables.write(path, "retrieval_reasoning",
+                         {f"{l}-{h}": [float(1 + (l * 7 + h * 3) % 5)] for l in range(layers) for h in range(q_heads)}, {})
+        return {"scores": str(path)}
+    if method_name == "duo_attention":
+        path = tmp_path / "duo.tsv"
+        headtables.write(path, "duo_proxy", torch.rand(layers, kv_heads, generator=torch.Generator().manual_seed(0)), {})
+        return {"pattern": str(path), "sink": "4", "recent": "8"}
+    return {}
+
+
+def test_every_prefill_method_runs_at_query_head_with_g_times_the_bytes(tmp_path):
+    from kvbench.methods import METHODS
+
+    model = make_tiny_llama(layers=2, seed=11)
+    p = prompt(n=80, seed=12, new=3)
+    names = [n for n, cls in METHODS.items() if not cls.continuous and n != "fullkv"]
+    assert {"snapkv", "adakv", "headkv", "duo_attention"} <= set(names)
+    plans = []
+    for name in names:
+        method = build(name, table_args(name, tmp_path, 2, 4, 2)).method
+        for granularity in ("kv_head", storage_granularity(method, "query_head")):
+            plans.append(Plan(name, method, Budget(ratio=0.25), granularity))
+    gens = Engine(model, StubTokenizer()).run(p, plans).generations
+    for kv, qh in zip(gens[::2], gens[1::2]):
+        name = kv.plan.label
+        if qh.plan.granularity == "kv_head":
+            assert qh.cache_bytes == kv.cache_bytes, name
+        elif name == "headkv":  # per-query-head caps vs their rounded group means
+            assert abs(qh.cache_bytes / kv.cache_bytes - 2) < 0.05, name
+        else:
+            assert qh.cache_bytes == 2 * kv.cache_bytes, name
+            assert all(sel.n_heads == 4 for sel in qh.kept_indices), name
