@@ -198,3 +198,43 @@ def test_scores_sha_in_fingerprint_and_manifest(tmp_path, monkeypatch, tiny_mode
     path.unlink()
     code, _, err = cli(args, capsys)  # rows done: nothing to run, but a missing table is refused first
     assert code == 2 and "run `kvbench headscores --model" in err
+
+
+def test_accumulator_equals_a_hand_computation_over_eager_attention_rows(tiny_tokenizer):
+    """methods-2 §2.21 parity (iii): run_test's per-head totals equal the sum, over the decoding steps, of the
+    reference rule applied by plain loops to the eager attention rows of the same forwards."""
+    from transformers import DynamicCache
+
+    from kvbench.engine import attention
+
+    torch.set_num_threads(1)
+    model = make_tiny_llama(layers=2, seed=9).to(torch.float64)
+    hay = tiny_tokenizer.encode("The sky is blue. The sea is deep. " * 20, add_special_tokens=False)
+    needle = headscores.Needle(" Ana is 7 and likes kites; Bo is 9 and likes drums. ", "Who is older?", "drums now")
+    ids, start, stop = headscores.build_test(tiny_tokenizer, hay, headscores.sentence_ends(tiny_tokenizer, hay),
+                                             needle, 420, 40)
+    _, total = headscores.run_test(model, tiny_tokenizer, frozenset(), ids, start, stop, needle.answer)
+    answer_tokens = len(tiny_tokenizer.encode(needle.answer, add_special_tokens=False))
+    n = stop - start
+    want = [[0.0] * 4 for _ in range(2)]
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache)
+            token, position, steps = ids[-1], len(ids) - 1, 0
+            while steps < answer_tokens:
+                out = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]),
+                            past_key_values=cache, output_attentions=True)
+                for layer, probs in enumerate(out.attentions):
+                    for head in range(4):
+                        row = probs[0, head, -1].tolist()
+                        top = sorted(range(len(row)), key=lambda j: -row[j])[:n]
+                        want[layer][head] += sum(10 * row[j] / (n * answer_tokens) for j in top if start <= j < stop)
+                token, position, steps = int(out.logits[0, -1].argmax()), position + 1, steps + 1
+                if "\n" in tiny_tokenizer.decode([token]):
+                    break
+    finally:
+        attention.install(model)
+    assert torch.allclose(total, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert float(total.sum()) > 0  # the needle is attended somewhere: not a comparison of zeros
