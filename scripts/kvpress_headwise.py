@@ -15,7 +15,7 @@ HEADWISE = ("adakv", "critical_adakv", "duo_attention")
 
 def build(spec: dict):
     """A head-wise press from a request entry: {"name": ..., "compression_ratio": ...} plus its parameters."""
-    from kvpress import AdaKVPress, CriticalAdaKVPress, DuoAttentionPress, SnapKVPress
+    from kvpress import AdaKVPress, CriticalAdaKVPress, DuoAttentionPress, ExpectedAttentionPress, SnapKVPress
 
     name = spec["name"]
     if name == "duo_attention":
@@ -28,8 +28,12 @@ def build(spec: dict):
                 return sink, recent, pattern
 
         return InjectedDuo(head_compression_ratio=float(spec["head_compression_ratio"]))
-    inner = SnapKVPress(compression_ratio=float(spec["compression_ratio"]), window_size=int(spec.get("window_size", 64)),
-                        kernel_size=int(spec.get("kernel_size", 5)))
+    cr = float(spec["compression_ratio"])
+    if spec.get("inner") == "expected_attention":  # kvpress's registry "expected_attention" wraps it in AdaKV
+        inner = ExpectedAttentionPress(compression_ratio=cr, epsilon=float(spec.get("epsilon", 0.0)))
+    else:
+        inner = SnapKVPress(compression_ratio=cr, window_size=int(spec.get("window_size", 64)),
+                            kernel_size=int(spec.get("kernel_size", 5)))
     if name == "adakv":
         return AdaKVPress(inner, alpha_safeguard=float(spec.get("alpha", 0.2)))
     if name == "critical_adakv":
