@@ -116,6 +116,8 @@ def run(
     prefill_chunk: int = typer.Option(0, help="prefill in chunks of this many tokens (32k-128k prompts); 0: one piece"),
     device_map: Optional[str] = typer.Option(None, help="auto: spread a model larger than one GPU over every visible "
                                              "GPU (accelerate); default: the whole model on --device"),
+    granularity: str = typer.Option("kv_head", help="kv_head: one kept set per KV head | query_head: one per query "
+                                    "head, cache stored at H_q heads (KVCache-Factory's default; g x the bytes)"),
 ) -> None:
     """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
     from kvbench import data as data_mod, runner
@@ -127,7 +129,7 @@ def run(
         gqa_reduce=gqa_reduce, method_args=runner.parse_method_args(method_arg), max_length=max_length,
         shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
         synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
-        decode=decode, prefill_chunk=prefill_chunk, device_map=device_map,
+        decode=decode, prefill_chunk=prefill_chunk, device_map=device_map, granularity=granularity,
     )
     summary = runner.run(opts, log=_err, progress=Progress())
     sys.stdout.write(run_summary(summary))
@@ -315,15 +317,15 @@ def list_methods() -> None:
         print(f"{name:18s} preset of {entry.get('method')}: {params}")
 
 
-def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
+def _int_list(text: Optional[str], flag: str, allow_zero: bool = False) -> Optional[list[int]]:
     if text is None:
         return None
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise KvbenchError(f"{flag} must be a comma list of integers, got '{text}'") from None
-    if not values or min(values) <= 0:
-        raise KvbenchError(f"{flag} must list positive integers, got '{text}'")
+    if not values or min(values) < (0 if allow_zero else 1):
+        raise KvbenchError(f"{flag} must list {'non-negative' if allow_zero else 'positive'} integers, got '{text}'")
     return values
 
 
@@ -370,6 +372,42 @@ def sensitivity(
     )
     result = study.run_sensitivity(opts, log=_err)
     print(result.report())
+
+
+@app.command(epilog=_examples(
+    "kvbench headscores --model smollm2-135m --method duo_attention --data-dir ../shared/longbench",
+    "kvbench headscores --model llama3-8b --method headkv --data-dir ../shared/longbench --device cuda"))
+def headscores(
+    model: str = typer.Option("smollm2-135m", help="model alias, HF id, local dir or .gguf"),
+    method: str = typer.Option("headkv", help="headkv: retrieval-reasoning head scores (needle tests) | "
+                               "duo_attention: DuoAttention's proxy head pattern"),
+    data_dir: Optional[Path] = typer.Option(None, help="LongBench <task>.jsonl files whose contexts are the text "
+                                            "(default: the synthetic tasks' filler)"),
+    tasks: str = typer.Option("multi_news", help="tasks whose contexts are used, with --data-dir"),
+    out: Optional[Path] = typer.Option(None, help="write here (default: where kvbench run looks for this model)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    force: bool = typer.Option(False, help="recompute an existing table"),
+    lengths: Optional[str] = typer.Option(None, help="headkv: context lengths in tokens, comma list (default: 5 "
+                                          "from 1000 to min(10000, the model's positions))"),
+    depths: Optional[str] = typer.Option(None, help="headkv: needle depths in percent, comma list (default: 10 "
+                                         "from 0 to 100)"),
+    min_f1: float = typer.Option(50.0, help="headkv: a test counts when its answer's F1 x 100 is above this "
+                                 "(the reference's 50; negative: every test counts, for models that fail the needles)"),
+    texts: int = typer.Option(16, help="duo_attention: number of texts averaged"),
+    text_tokens: int = typer.Option(2048, help="duo_attention: tokens of each text"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+) -> None:
+    """Head tables computed on the model, for headkv (head-importance scores) and duo_attention (head pattern)."""
+    from kvbench import calibration
+
+    depth_list = _int_list(depths, "--depths", allow_zero=True)
+    opts = calibration.CalibrationOptions(
+        model=model, method=method, data_dir=data_dir, tasks=tasks, out=out, device=device, dtype=dtype,
+        force=force, trust_remote_code=trust_remote_code, lengths=tuple(_int_list(lengths, "--lengths") or ()),
+        depths=tuple(depth_list or ()), min_f1=min_f1, texts=texts, text_tokens=text_tokens,
+    )
+    calibration.run(opts, log=_err)
 
 
 @app.command("fetch-model", epilog=_examples("kvbench fetch-model qwen2.5-coder-0.5b"))

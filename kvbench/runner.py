@@ -18,7 +18,7 @@ from typing import Any
 from kvbench import __version__, data, evidence, methods, models, outputs, prompts, scoring
 from kvbench.results import store
 from kvbench.data import HUB_REVISION, Sample, TaskSpec
-from kvbench.engine import DECODE_MODES, Engine, Generation, Plan
+from kvbench.engine import DECODE_MODES, GRANULARITIES, Engine, Generation, Plan, storage_granularity
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
 from kvbench.results.store import ResultFile, Shard, digest
@@ -54,6 +54,7 @@ class RunOptions:
     decode: str = "batched"  # batched | sequential (engine.DECODE_MODES)
     prefill_chunk: int = 0  # > 0: prefill in chunks of this many tokens
     device_map: str | None = None  # "auto": spread the model over every visible GPU (accelerate)
+    granularity: str = "kv_head"  # kv_head | query_head (methods-2 §1.6; engine.GRANULARITIES)
 
 
 @dataclass
@@ -173,12 +174,25 @@ def build_plans(opts: RunOptions) -> list[Plan]:
         raise InputError(f"--method-arg {key}: no selected method has a parameter '{key}'")
     plans: list[Plan] = []
     for label, choice in choices:
+        granularity = storage_granularity(choice.method, opts.granularity)
         if not choice.method.uses_budget:  # FullKV, KIVI alone: every token kept, one plan
-            plans.append(Plan(label, choice.method, Budget(ratio=1.0)))
+            plans.append(Plan(label, choice.method, Budget(ratio=1.0), granularity))
             continue
         for budget in budget_list:
-            plans.append(Plan(label, choice.method, budget))
+            plans.append(Plan(label, choice.method, budget, granularity))
     return plans
+
+
+def granularity_note(opts: RunOptions, plans: list[Plan]) -> str | None:
+    """What the run log says under --granularity query_head: which methods keep H_kv storage, and why."""
+    if opts.granularity != "query_head":
+        return None
+    kept = sorted({p.label for p in plans if p.granularity == "kv_head"})
+    if not kept:
+        return None
+    return (f"--granularity query_head: {', '.join(kept)} keep one set per KV head (positional, layer-shared or "
+            "query-free: every query head of a group would keep the same tokens, so the output is identical and "
+            "storing them g times would only waste memory)")
 
 
 def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str, decode: str = "sequential",
@@ -206,6 +220,11 @@ def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str, decode: s
 
 def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
     fields = {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
+    if plan.granularity != "kv_head":  # only then, so the fingerprints of kv_head rows stay what they were
+        fields["granularity"] = plan.granularity
+    artifacts = plan.method.artifacts()  # files the method reads (head tables), by sha256
+    if artifacts:
+        fields["artifacts"] = artifacts
     version = getattr(type(plan.method), "version", 1)
     if version != 1:  # version 1 adds nothing, so the fingerprints of rows written before versions existed hold
         fields["version"] = version
@@ -289,6 +308,7 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         "budget_tokens": plan.budget.tokens,
         "budget": plan.budget.label,
         "scope": scope,
+        "granularity": plan.granularity,
         "prediction": gen.text,
         "answers": list(sample.answers),
         "all_classes": list(sample.all_classes) if sample.all_classes is not None else None,
@@ -345,6 +365,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
         raise InputError(f"--decode must be one of {', '.join(DECODE_MODES)}, got '{opts.decode}'")
     if opts.prefill_chunk < 0:
         raise InputError(f"--prefill-chunk must be a number of tokens >= 0 (0: no chunking), got {opts.prefill_chunk}")
+    if opts.granularity not in GRANULARITIES:
+        raise InputError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{opts.granularity}'")
     if opts.device_map not in (None, "auto"):
         raise InputError(f"--device-map must be auto, got '{opts.device_map}'")
     if opts.data not in ("auto", "hub", "local"):
@@ -379,6 +401,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     device = rank_device(opts.device)
     dtype = dtype_name(opts, spec, device)
     identity = models.model_identity(spec)
+    for plan in plans:  # head tables of the run's model (HeadKV, DuoAttention): part of the fingerprints
+        plan.method.bind_model(identity, spec.name)
     protocol = protocol_fields(spec, identity, dtype, opts.decode, opts.prefill_chunk)
     protocol_fp = digest(protocol)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
@@ -423,6 +447,9 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     for label, stages in {p.label: p.method.stages() for p in plans if p.method.stages()}.items():
         log(f"{label}: select -> {' -> '.join(stages)}; storage simulated in the model dtype, cache_bytes are "
             "the packed layout's (methods-2.md §1.8)")
+    note = granularity_note(opts, plans)
+    if note:
+        log(note)
     log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")
     loaded = models.load_model(spec, device, dtype, opts.trust_remote_code, pre, opts.device_map)
     summary.model_loaded = True
@@ -444,7 +471,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             "shard": f"{shard.index}/{shard.count}",
             "protocol": protocol,
             "protocol_fp": protocol_fp,
-            "plans": [{"method": p.label, "params": p.method.params(), "budget": p.budget.label} for p in plans],
+            "plans": [{"method": p.label, "params": p.method.params(), "budget": p.budget.label,
+                       "granularity": p.granularity, "artifacts": p.method.artifacts()} for p in plans],
             "tasks": [t.name for t in runnable],
             "versions": versions(),
             "git_commit": git_commit(),

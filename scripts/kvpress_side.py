@@ -17,6 +17,11 @@ processes stay loaded). Requests:
       Press names: knorm, streamingllm, snapkv, pyramidkv, chunkkv, tova, and (methods-2.md §5.2) keydiff,
       block_keydiff, expected_attention, lagkv, observed_attention, criticalkv (over SnapKVPress); other keys
       of a press entry are that press's parameters.
+      With "masked": for presses that mask instead of evicting (adakv, critical_adakv, duo_attention: see
+      scripts/kvpress_headwise.py), the masked context positions per layer and KV head and the press's
+      reported compression ratio.
+  {"op": "duo_on_the_fly", "texts": [...], "q_len": 500}
+      kvpress's on-the-fly DuoAttention head scores computed on these texts (scripts/kvpress_headwise.py).
   {"op": "quit"}
 
 Token ids come from kvbench (the same ids on both sides); no tokenizer is used for the input.
@@ -37,10 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import kvpress_headwise  # noqa: E402  (this script's folder is on sys.path)
+
 
 def build_press(spec: dict):
     from kvpress import ChunkKVPress, KnormPress, PyramidKVPress, SnapKVPress, StreamingLLMPress, TOVAPress
 
+    if spec["name"] in kvpress_headwise.HEADWISE:  # presses that mask instead of evicting (methods-2 §5.2)
+        return kvpress_headwise.build(spec)
     name, cr = spec["name"], float(spec["compression_ratio"])
     if name == "knorm":
         return KnormPress(compression_ratio=cr)
@@ -146,6 +155,9 @@ def main() -> None:
         request = json.loads(line)
         if request.get("op") == "quit":
             break
+        if request.get("op") == "duo_on_the_fly":  # {"texts": [...], "q_len": 500}: kvpress's DuoAttention proxy
+            print(json.dumps(kvpress_headwise.duo_on_the_fly(model, request)), flush=True)
+            continue
         context = torch.tensor([request["context_ids"]])
         question = torch.tensor([request["question_ids"]])
         default_attn = model.config._attn_implementation
@@ -180,6 +192,9 @@ def main() -> None:
                       "kept_per_layer": [layer.keys.shape[2] for layer in cache.layers]}
             if request.get("kept"):
                 result["kept"] = kept_positions(reference_keys(attn), cache)
+            if request.get("masked"):  # what a masking press evicted, and the ratio it reports
+                result["masked"] = kvpress_headwise.masked_positions(model, context.shape[1])
+                result["ratio"] = kvpress_headwise.reported_ratio(press)
             results.append(result)
         model.set_attn_implementation(default_attn)
         model.generation_config.eos_token_id = eos

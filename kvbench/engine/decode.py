@@ -23,7 +23,7 @@ import torch
 
 from kvbench.engine import attention, rope
 from kvbench.engine.cache import RaggedCache
-from kvbench.engine.compress import Compressed, Plan
+from kvbench.engine.compress import Compressed, Plan, gqa_group
 from kvbench.methods.base import DecodeStep, LayerDecoder, Selection
 
 DECODE_MODES = ("batched", "sequential")
@@ -142,7 +142,12 @@ def decode_group(model: Any, runs: list[PlanDecode], prompt_ids: list[int], ques
     `question` (ids [1, q] fed through the compressed caches first: --scope context) and `first_logits` (the
     prefill's next-token logits: --scope full) is given. Fills each run's generated ids and bookkeeping."""
     device = settings.device
-    cache = RaggedCache([run.compressed.layers for run in runs], reserve=reserve)
+    query_heads = {run.plan.granularity == "query_head" for run in runs}
+    if len(query_heads) > 1:
+        raise ValueError("a decode group mixes kv_head and query_head plans")
+    # A query_head cache stores H_q heads: every new token's K/V arrive with H_kv heads and are repeated.
+    repeat = gqa_group(model) if query_heads.pop() else 1
+    cache = RaggedCache([run.compressed.layers for run in runs], reserve=reserve, head_repeat=repeat)
     for row, run in enumerate(runs):
         run.allocated_bytes = cache.allocated_bytes(row)
         run.max_cache = cache.max_length(row)

@@ -72,6 +72,15 @@ METHODS.register("kivi2", KIVI2)
 METHODS.register("kivi4", KIVI4)
 METHODS.register("decoding", Decoding)
 # --- end transforms and decoding-time wrappers ---
+# --- head-adaptive methods: heads of a layer keep different numbers of tokens (methods-2 §2.13-2.21) ---
+from kvbench.methods.adakv import AdaKV  # noqa: E402
+from kvbench.methods.headkv import HeadKV  # noqa: E402
+from kvbench.methods.duo_attention import DuoAttention  # noqa: E402
+
+METHODS.register("adakv", AdaKV, aliases=("ada_kv",))
+METHODS.register("headkv", HeadKV)
+METHODS.register("duo_attention", DuoAttention, aliases=("duoattention",))
+# --- end head-adaptive methods ---
 
 
 @dataclass(frozen=True)
@@ -81,23 +90,23 @@ class MethodChoice:
     method: Method
 
 
-_CHECKING: dict[str, dict[str, Any]] = {}  # presets files being checked, by path (their raw YAML)
+_CHECKING: set[str] = set()  # preset files being checked right now
 
 
 def presets() -> dict[str, dict[str, Any]]:
     path = resources.config_path("methods.yaml")
     shown = path.relative_to(resources.ROOT) if path.is_relative_to(resources.ROOT) else path
-    raw = resources.load_yaml(path)
+    data = resources.load_yaml(path)
     if str(path) in _CHECKING:
-        # Checking a wrapper preset builds its inner method, which may itself be a preset of this file: it is
-        # resolved against the raw table (its own entry is checked in turn by the same pass).
-        table = raw.get("presets") or {}
+        # Checking a wrapper preset builds its inner method, which may itself be a preset of this file: that
+        # entry is checked in its own turn, so the table is served as it stands instead of re-entering.
+        table = data.get("presets") or {}
         return {str(k).strip().lower(): dict(v) for k, v in table.items() if isinstance(v, dict)}
-    _CHECKING[str(path)] = raw
+    _CHECKING.add(str(path))
     try:
-        return check_presets(raw, str(shown))
+        return check_presets(data, str(shown))
     finally:
-        del _CHECKING[str(path)]
+        _CHECKING.discard(str(path))
 
 
 def check_presets(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:

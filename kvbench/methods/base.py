@@ -123,6 +123,32 @@ class Selection:
         return torch.arange(self.k_max, device=self.indices.device)[None, :] < self.lengths[:, None]
 
 
+@dataclass(frozen=True)
+class HeadRanking:
+    """One layer's per-token scores for budgets allocated across heads (Ada-KV, HeadKV), from a method that
+    selects by ranking tokens: higher is kept first, exactly as the method's own select ranks them.
+
+    scores [H, T] float over every prompt position; `protected` [T] bool marks the tokens the method keeps in
+    every head whatever their score (its observation window, attention sinks), whose scores are ignored;
+    `kept` is the layer's per-head budget as the method reads it, protected tokens included (PyramidKV: its
+    budget for this layer). Only asked for when the layer is compressed (T > kept) and kept covers the
+    protected tokens."""
+
+    scores: torch.Tensor
+    protected: torch.Tensor
+    kept: int
+
+    @classmethod
+    def with_window(cls, prefix_scores: torch.Tensor, n_tokens: int, kept: int) -> "HeadRanking":
+        """Scores of the prefix 0 .. T-w-1 [H, T-w] and a protected window of the last w tokens."""
+        heads, prefix = prefix_scores.shape
+        scores = torch.zeros(heads, n_tokens, dtype=prefix_scores.dtype, device=prefix_scores.device)
+        scores[:, :prefix] = prefix_scores
+        protected = torch.zeros(n_tokens, dtype=torch.bool, device=prefix_scores.device)
+        protected[prefix:] = True
+        return cls(scores, protected, kept)
+
+
 @dataclass
 class LayerView:
     """One layer's prefill attention as the scorers see it (batch size 1, batch dim dropped).
@@ -360,6 +386,8 @@ class Method:
     query_aware: ClassVar[bool] = False
     # The heads of one layer keep different numbers of tokens (select() returns a ragged Selection).
     head_adaptive: ClassVar[bool] = False
+    # select keeps the top of ranking()'s per-token scores, so Ada-KV and HeadKV can reallocate its budget
+    ranked: ClassVar[bool] = False
     gqa_reduce: str = "mean"  # how query-head scores become KV-head scores
     position_mode: str = "original"  # original: new tokens continue from the uncompressed length
 
@@ -377,6 +405,15 @@ class Method:
     def scorer_key(self) -> tuple | None:
         """Methods with equal keys share score(); None: no scoring."""
         return None
+
+    def query_head_selection(self) -> bool:
+        """Can the query heads that share a KV head keep different tokens? Under --granularity query_head
+        (methods-2 §1.6, what KVCache-Factory does by default) such a method scores and selects per query head
+        on a cache stored at H_q heads (select sees `n_kv_heads` = H_q, `group` = 1 and keys repeated to H_q).
+        False where the kept set cannot differ between a group's query heads whatever their queries
+        (positional, layer-shared, scored from keys or values only): those keep H_kv storage, the same
+        output for 1/g of the memory."""
+        return True
 
     def prefill_needs(self) -> frozenset[str]:
         """What score() reads beyond the last `window()` queries, so a chunked prefill can provide it:
@@ -409,6 +446,19 @@ class Method:
     def uses_budget(self) -> bool:
         """False for methods that keep every token whatever the budget (FullKV, KIVI alone): one plan each."""
         return self.name != "fullkv"
+
+    def bind_model(self, identity: str, model_name: str) -> None:
+        """Resolve what the method reads that depends on the model (head tables: kvbench.headtables), once the
+        run knows its model and before fingerprints are computed. Nothing by default."""
+
+    def artifacts(self) -> dict[str, str]:
+        """Files the method reads beyond its hyper-parameters (kind -> sha256): part of its fingerprint."""
+        return {}
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking | None:
+        """The per-token ranking `select` keeps the top of, for wrappers that allocate budgets across heads
+        (Ada-KV, HeadKV); None: this method does not select by a per-token ranking and cannot be wrapped."""
+        return None
 
     # ---- description -----------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

@@ -15,5 +15,8 @@ class FullKV(Method):
     family = "reference"
     source = "no compression (reference)"
 
+    def query_head_selection(self) -> bool:
+        return False  # nothing is selected; KVCache-Factory leaves FullKV's cache at H_kv too
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)

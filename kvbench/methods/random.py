@@ -40,6 +40,9 @@ class RandomKeep(Method):
         if self.share not in SHARE:
             raise InputError(f"random: share must be layer_shared or per_head, got '{self.share}'")
 
+    def query_head_selection(self) -> bool:
+        return self.share == "per_head"  # layer_shared: one draw for every head
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         device = ctx.keys.device
         if ctx.n_tokens <= ctx.kept:

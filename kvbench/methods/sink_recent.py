@@ -59,6 +59,9 @@ class SinkRecent(Method):
         # The engine only asks continuous methods for a decoder: online mode is the continuous one.
         object.__setattr__(self, "continuous", self.mode == "online")
 
+    def query_head_selection(self) -> bool:
+        return False  # positional: every head keeps the same positions
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return sink_recent_indices(ctx.n_tokens, ctx.kept, self.sinks, ctx.n_kv_heads, ctx.keys.device)
 

@@ -30,6 +30,9 @@ class Sliding(Method):
             raise InputError(f"{self.name}: mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         object.__setattr__(self, "continuous", self.mode == "online")
 
+    def query_head_selection(self) -> bool:
+        return False  # positional: every head keeps the same positions
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return sink_recent_indices(ctx.n_tokens, ctx.kept, 0, ctx.n_kv_heads, ctx.keys.device)
 

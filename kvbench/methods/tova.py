@@ -57,6 +57,9 @@ class TOVA(Method):
     def score(self, view: LayerView) -> torch.Tensor | None:
         return view.last_row().mean(dim=0)  # [T]
 
+    def query_head_selection(self) -> bool:
+        return False  # one set per layer, from the mean over every query head
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if ctx.n_tokens <= ctx.kept:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)

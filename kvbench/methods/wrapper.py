@@ -105,6 +105,15 @@ class Wrapper(Method):
     def score(self, view: LayerView) -> Any:
         return self._inner.score(view)
 
+    def query_head_selection(self) -> bool:
+        return self._inner.query_head_selection()
+
+    def bind_model(self, identity: str, model_name: str) -> None:
+        self._inner.bind_model(identity, model_name)
+
+    def artifacts(self) -> dict[str, str]:
+        return self._inner.artifacts()
+
     def select(self, ctx: SelectContext) -> "torch.Tensor | Selection":
         return self._inner.select(ctx)
 
