@@ -715,6 +715,8 @@ def p6(args: argparse.Namespace) -> None:
                 same += 1
             else:
                 differing.append(f"{item.label} {key}")
+            dumped.append({"prompt": item.label, "plan": key, "sequential": list(a.token_ids),
+                           "batched": list(b.token_ids)})
             x, y = first_forward.get(("sequential", key)), first_forward.get(("batched", key))
             if x is not None and y is not None:
                 worst = max(worst, float((x - y).abs().max()))
