@@ -126,9 +126,7 @@ def table(
 
     rows = store.load_all_rows(results)
     if model is not None:
-        from kvbench.models import resolve_model
-
-        model = resolve_model(model).name
+        model = report.stored_model_name(rows, model)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     built = report.build_table(rows, names, model, metric=metric)
     if ci:

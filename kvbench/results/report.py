@@ -14,6 +14,7 @@ import io
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvbench import scoring
@@ -84,6 +85,18 @@ METRICS = {
     "retention_min": "evidence_retention_min",
     "overlap": "layer_overlap",
 }
+
+
+def stored_model_name(rows: Sequence[dict[str, Any]], text: str) -> str:
+    """The model name rows carry for a --model value: the name itself, an alias in any case, a .gguf file's
+    stem or a model directory's name (what `kvbench run` stores), matched against the rows without loading
+    the model's code or files (a table must not need torch, nor the weights on this machine)."""
+    present = sorted({str(r.get("model")) for r in rows})
+    given = text.strip()
+    for candidate in (given, given.lower(), Path(given).stem, Path(given.rstrip("/")).name):
+        if candidate in present:
+            return candidate
+    raise InputError(f"--model {text}: no results for that model; the results hold {', '.join(present) or 'none'}")
 
 
 def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = None, model: str | None = None,

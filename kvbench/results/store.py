@@ -13,7 +13,6 @@ and then write the rest, so a test can kill a run in the middle of a write (test
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.errors import InputError, KvbenchError
-from kvbench.models import safe_name
 
 SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 
 
-def digest(obj: Any, length: int = 12) -> str:
-    """Stable short hash of a JSON-able object (sorted keys)."""
-    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+def safe_name(text: str) -> str:
+    """A file-system-safe name: no separators, no '..', nothing but [A-Za-z0-9._-]."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
+    return slug or "unnamed"
 
 
 @dataclass(frozen=True)
