@@ -6,7 +6,7 @@ Layout (results/README.md documents it for users):
 
 Every line is one complete scored row. Appends are flushed and fsynced; a torn last line (a crash in the
 middle of a write) is ignored when reading and cut off before the next append, so the sample is redone.
-A lock file next to each result file stops two processes from writing it at once.
+An OS lock per result file (kvbench.results.lock) stops two processes from writing it at once.
 
 Test hook: KVBENCH_TEST_SLOW_WRITE=<seconds> makes ResultFile.append write half a line, sync, sleep that long
 and then write the rest, so a test can kill a run in the middle of a write (tests/test_reliability.py)."""
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbench.errors import InputError, KvbenchError
+from kvbench.errors import InputError
+from kvbench.results.lock import FileLock, LockedError  # noqa: F401 (LockedError: part of store's interface)
 
 SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 
@@ -55,105 +55,6 @@ class Shard:
 
     def owns(self, position: int) -> bool:
         return position % self.count == self.index
-
-
-class LockedError(KvbenchError):
-    pass
-
-
-class FileLock:
-    """An exclusive lock file holding 'pid host'. A lock whose process is gone (same host) is taken over;
-    the take-over itself is serialised by a second O_EXCL file, so two processes finding the same stale lock
-    cannot both end up holding it."""
-
-    def __init__(self, path: Path, wait: bool = False, poll: float = 0.5):
-        self.path = path.with_name(path.name + ".lock")
-        self.wait, self.poll = wait, poll
-        self.held = False
-
-    def _holder(self) -> tuple[int, str] | None:
-        try:
-            pid, host = self.path.read_text().split()
-            return int(pid), host
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def _stale(self, holder: tuple[int, str] | None) -> bool:
-        """The holder's process is gone (same host only), or the lock stayed empty (a crash while creating it)."""
-        if holder is None:
-            return time.time() - self._mtime(self.path) > 5
-        return holder[1] == socket.gethostname() and not self._alive(holder[0])
-
-    def _take_over(self, holder: tuple[int, str] | None) -> None:
-        """Remove a stale lock, unless another process took it over (or is doing so) meanwhile."""
-        guard = self.path.with_name(self.path.name + ".takeover")
-        try:
-            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            if time.time() - self._mtime(guard) > 10:  # its creator died inside the few lines below
-                guard.unlink(missing_ok=True)
-            time.sleep(0.05)
-            return
-        try:
-            if self._holder() == holder and self._stale(holder):
-                self.path.unlink(missing_ok=True)
-        finally:
-            guard.unlink(missing_ok=True)
-
-    def check(self) -> None:
-        """Refuse now, creating nothing, if a live process holds the lock and we are not to wait."""
-        if self.wait or not self.path.exists():
-            return
-        holder = self._holder()
-        if not self._stale(holder):
-            raise self._locked(holder)
-
-    def _locked(self, holder: tuple[int, str] | None) -> LockedError:
-        who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
-        return LockedError(
-            f"{self.path.with_suffix('')} is being written by {who}; use --wait to wait for it "
-            f"(or delete {self.path.name} if that process is gone)"
-        )
-
-    def acquire(self) -> None:
-        me = f"{os.getpid()} {socket.gethostname()}"
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(me)
-                self.held = True
-                return
-            except FileExistsError:
-                holder = self._holder()
-                if self._stale(holder):
-                    self._take_over(holder)
-                    continue
-                if not self.wait:
-                    raise self._locked(holder) from None
-                time.sleep(self.poll)
-
-    @staticmethod
-    def _mtime(path: Path) -> float:
-        try:
-            return path.stat().st_mtime
-        except OSError:
-            return time.time()
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
