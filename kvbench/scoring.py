@@ -383,21 +383,23 @@ def _fmt(value: float) -> str:
 
 def render_score_table(report: ScoreReport) -> str:
     """Markdown table: one row per task, then the two averages."""
+    from kvbench.results import render
+
     has_buckets = bool(report.buckets)
     header = ["task", "category", "metric", "n", "score"] + (list(BUCKETS) if has_buckets else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    rows, bold = [], []
     for task, score in report.scores.items():
         cells = [task, CATEGORY[base_task(task)], metric_for_task(task), str(report.n_samples[task]), _fmt(score)]
         if has_buckets:
             b = report.buckets.get(task)
             cells += [_fmt(b[k]) if b else "" for k in BUCKETS]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+        bold.append([False] * len(cells))
     if report.scores:
         pad = [""] * (len(BUCKETS) if has_buckets else 0)
-        n = len(report.scores)
-        lines.append("| " + " | ".join([f"**average ({n} tasks)**", "", "", "", f"**{average(report.scores):.2f}**"] + pad) + " |")
+        rows.append([f"average ({len(report.scores)} tasks)", "", "", "", f"{average(report.scores):.2f}", *pad])
+        bold.append([True] * len(header))
         ncat = len(category_means(report.scores))
-        lines.append(
-            "| " + " | ".join([f"average of {ncat} category means", "", "", "", f"{category_average(report.scores):.2f}"] + pad) + " |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([f"average of {ncat} category means", "", "", "", f"{category_average(report.scores):.2f}", *pad])
+        bold.append([False] * len(header))
+    return "\n".join(render.markdown(header, rows, 3, bold)) + "\n"

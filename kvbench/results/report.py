@@ -9,8 +9,6 @@ computed on the samples both scored, with a legend line under the table."""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench import scoring
-from kvbench.results import stats
+from kvbench.results import render as rendering, stats
 from kvbench.data import TaskSpec, load_task_specs
 from kvbench.errors import InputError
 
@@ -287,9 +285,7 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
 
 def render_markdown(table: Table) -> str:
     header, body, bold = _grid(table)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    for row, marks in zip(body, bold):
-        lines.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, marks)) + " |")
+    lines = rendering.markdown(header, body, 2, bold)
     lines.append("")
     if table.reference is not None:
         lines.append(_legend(table))
@@ -298,39 +294,20 @@ def render_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("–", "--"),
-                 ("±", r"$\pm$"), ("↑", r"$\uparrow$"), ("↓", r"$\downarrow$"), ("†", r"$^\dagger$"),
-                 ("Δ", r"$\Delta$"), ("≥", r"$\geq$")):
-        text = text.replace(a, b)
-    return text
-
-
 def render_latex(table: Table) -> str:
     header, body, bold = _grid(table)
-    cols = "ll" + "r" * (len(header) - 2)
-    out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-           " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
-    for index, (row, marks) in enumerate(zip(body, bold)):
-        if index > 0 and row[0]:
-            out.append(r"\midrule")
-        cells = [rf"\textbf{{{_latex_escape(v)}}}" if m else _latex_escape(v) for v, m in zip(row, marks)]
-        out.append(" & ".join(cells) + r" \\")
     caption = (_legend(table) + " " if table.reference is not None else "") + _footer(table)
-    out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(caption)}}}", r"\end{table}"]
-    return "\n".join(out) + "\n"
+    starts = [index for index, row in enumerate(body) if index > 0 and row[0]]  # a budget block begins
+    return rendering.latex(header, body, 2, bold, rules_before=starts, caption=caption)
 
 
 def render_csv(table: Table) -> str:
     header, body, _ = _grid(table)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    current = ""
-    for row in body:
+    rows, current = [], ""
+    for row in body:  # every row names its budget block, so each line stands alone
         current = row[0] or current
-        writer.writerow([current if row[1] != "Avg len" else "", *row[1:]])
-    return buffer.getvalue()
+        rows.append([current if row[1] != "Avg len" else "", *row[1:]])
+    return rendering.csv(header, rows)
 
 
 def _legend(table: Table) -> str:
