@@ -120,27 +120,33 @@ def table(
                             "test in every cell (legend under the table)"),
     resamples: int = typer.Option(10_000, help="bootstrap resamples for --ci"),
     ci_seed: int = typer.Option(0, help="bootstrap seed for --ci"),
+    protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
-    from kvbench.results import report, store
+    from kvbench.results import report, select, store
 
-    rows = store.load_all_rows(results)
+    loaded = select.scored(store.load_results(results))
     if model is not None:
-        model = report.stored_model_name(rows, model)
+        model = report.stored_model_name(loaded.rows, model)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    rows = select.pick(loaded, model=model, tasks=names, protocol=protocol)
     built = report.build_table(rows, names, model, metric=metric)
     if ci:
         if resamples < 1:
             raise KvbenchError(f"--resamples must be >= 1, got {resamples}")
         report.add_ci(built, resamples, ci_seed)
+    built.skipped = select.skipped_note(loaded.skipped)
     text = report.render(built, format)
     _emit(text, out)
+    if built.skipped and format not in ("md", "markdown"):  # markdown prints it under the table
+        _err(f"kvbench: table: {built.skipped}")
 
 
 @app.command()
 def plot(
     results: Path = typer.Option(Path("results"), help="results directory"),
     out: Path = typer.Option(Path("plots"), help="directory for the PNG figures"),
+    protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
 ) -> None:
     """PNG figures: score vs ratio and vs measured cache bytes per method (a panel per task plus Avg), and
     KL vs budget when sensitivity results (kl_raw.jsonl) are present. Needs the `plot` extra (matplotlib)."""
@@ -148,7 +154,7 @@ def plot(
 
     if out.exists() and not out.is_dir():
         raise KvbenchError(f"--out {out} is not a directory")
-    for path in plots.plot_results(results, out):
+    for path in plots.plot_results(results, out, protocol, log=_err):
         _err(f"wrote {path}")
 
 

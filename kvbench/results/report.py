@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench import scoring
-from kvbench.results import render as rendering, stats
+from kvbench.results import render as rendering, select, stats
 from kvbench.data import TaskSpec, load_task_specs
 from kvbench.errors import InputError
 
@@ -45,6 +45,8 @@ class Table:
     ci: dict[tuple[str, str], dict[str, stats.Paired]] = field(default_factory=dict)  # (budget, method) -> task/Avg
     ci_n: dict[str, int] = field(default_factory=dict)  # the reference's samples per task
     omitted: list[str] = field(default_factory=list)  # tasks with no value of the metric (no known evidence)
+    samples: dict[str, int] = field(default_factory=dict)  # per task, the distinct samples of its column (the n row)
+    skipped: str = ""  # select.skipped_note of the result lines that held no row (markdown prints it under the table)
 
     def row_average(self, cells: dict[str, Cell]) -> float | None:
         if any(t not in cells for t in self.tasks):
@@ -119,28 +121,14 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
             raise InputError(f"no results for task(s) {', '.join(missing)}")
         present = [t for t in present if t in tasks]
         rows = [r for r in rows if r["task"] in present]
+    select.check(rows)  # kvbench table and plot ran select.pick first, whose refusals also name the files
     protocol = sorted({r["protocol_fp"] for r in rows})
-    if len(protocol) > 1:
-        raise InputError(
-            f"results under {len(protocol)} protocol fingerprints ({', '.join(protocol)}) cannot share a table; "
-            "move one set elsewhere or select it with --results"
-        )
-    for task in present:
-        fps = sorted({r["task_fp"] for r in rows if r["task"] == task})
-        if len(fps) > 1:
-            raise InputError(f"task {task}: rows from {len(fps)} different data/prompt fingerprints; refusing to mix them")
 
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         grouped[(row["budget"], row["method"], row["task"])].append(row)
     cells: dict[tuple[str, str], dict[str, Cell]] = defaultdict(dict)
     for (budget, method, task), group in grouped.items():
-        configs = {r["config_fp"] for r in group}
-        if len(configs) > 1:
-            raise InputError(
-                f"{method} at {budget} on {task}: rows of {len(configs)} configurations (different "
-                "hyper-parameters or scope); give them different preset names or separate result dirs"
-            )
         valued = [r for r in group if r.get(field_name) is not None]
         if not valued:
             continue  # e.g. retention on a task without known evidence, overlap of FullKV
@@ -174,6 +162,8 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         metric=metric,
         omitted=[specs[t].short if t in specs else t for t in omitted],
     )
+    table.samples = {t: len(set().union(*(c[t].ids for _, entries in blocks for _, c in entries if t in c)))
+                     for t in present}
     _note_unequal_samples(table)
     return table
 
@@ -251,9 +241,9 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def _fmt_ci(value: float | None, pair: stats.Paired | None, n_reference: int | None) -> str:
+def _fmt_ci(value: float | None, pair: stats.Paired | None, n_reference: int | None, missing: str = "–") -> str:
     """'38.67 (+0.07 ±1.2)', then ↑/↓ when the bootstrap CI excludes 0 and † when the sign test has p < 0.05."""
-    text = _fmt(value)
+    text = missing if value is None else _fmt(value)
     if value is None or pair is None:
         return text
     text += f" ({pair.mean_diff:+.2f} ±{pair.half_width:.1f}"
@@ -263,11 +253,14 @@ def _fmt_ci(value: float | None, pair: stats.Paired | None, n_reference: int | N
     return text
 
 
-def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
-    """Header, body rows of strings, and which cells are the best of their column within a budget block."""
+def _grid(table: Table, csv: bool = False) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Header, body rows of strings, and which cells are the best of their column within a budget block. For
+    CSV, numbers have no thousands separators and a missing value is an empty cell (spreadsheets read both)."""
     header = ["KV", "Method", *table.headers, "Avg"]
-    body: list[list[str]] = [["", "Avg len", *[f"{table.avg_len[t]:,.0f}" for t in table.tasks], ""]]
-    bold: list[list[bool]] = [[False] * len(header)]
+    length = "{:.0f}" if csv else "{:,.0f}"
+    body: list[list[str]] = [["", "Avg len", *[length.format(table.avg_len[t]) for t in table.tasks], ""],
+                             ["", "n", *[str(table.samples[t]) for t in table.tasks], ""]]
+    bold: list[list[bool]] = [[False] * len(header)] * 2
     for budget, entries in table.blocks:
         columns = [[c[t].score if t in c else None for _, c in entries] for t in table.tasks]
         averages = [table.row_average(c) for _, c in entries]
@@ -277,7 +270,8 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
             marks = [len(entries) > 1 and v is not None and v == b and table.metric != "overlap"
                      for v, b in zip(values, best)]
             pairs = table.ci.get((budget, method), {})  # empty unless add_ci ran: plain values then
-            texts = [_fmt_ci(v, pairs.get(t), table.ci_n.get(t)) for v, t in zip(values, [*table.tasks, "Avg"])]
+            texts = [_fmt_ci(v, pairs.get(t), table.ci_n.get(t), "" if csv else "–")
+                     for v, t in zip(values, [*table.tasks, "Avg"])]
             body.append([budget_title(budget) if i == 0 else "", display(method), *texts])
             bold.append([False, False, *marks])
     return header, body, bold
@@ -291,6 +285,8 @@ def render_markdown(table: Table) -> str:
         lines.append(_legend(table))
         lines.append("")
     lines.append(_footer(table))
+    if table.skipped:
+        lines += ["", table.skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -302,11 +298,11 @@ def render_latex(table: Table) -> str:
 
 
 def render_csv(table: Table) -> str:
-    header, body, _ = _grid(table)
+    header, body, _ = _grid(table, csv=True)
     rows, current = [], ""
-    for row in body:  # every row names its budget block, so each line stands alone
+    for index, row in enumerate(body):  # every method row names its budget block, so each line stands alone
         current = row[0] or current
-        rows.append([current if row[1] != "Avg len" else "", *row[1:]])
+        rows.append([current if index >= 2 else "", *row[1:]])  # rows 0, 1: Avg len and n
     return rendering.csv(header, rows)
 
 

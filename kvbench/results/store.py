@@ -57,24 +57,56 @@ class Shard:
         return position % self.count == self.index
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Complete rows of one result file; a torn or corrupt line is skipped (its sample will be redone). A line
-    is complete only with its newline: a last line without one is a write in progress or cut by a crash."""
-    rows = []
+@dataclass(frozen=True)
+class Skipped:
+    """A line of a result file that holds no usable row."""
+
+    path: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line} ({self.reason})"
+
+
+def scan_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Skipped]]:
+    """(line number, row) of the complete rows of one result file, and the lines skipped with why. A line is
+    complete only with its newline: a last line without one is a write in progress or cut by a crash. A file
+    of JSON objects none of which has an `_id` is not a result file (e.g. a sensitivity study's kl_raw.jsonl
+    under the same folder): no rows, nothing skipped."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return rows
-    for line in data.split(b"\n")[:-1]:
+        return [], []
+    rows: list[tuple[int, dict[str, Any]]] = []
+    skipped: list[Skipped] = []
+    objects = 0
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines[:-1], start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
+            skipped.append(Skipped(path, number, "not JSON"))
             continue
-        if isinstance(row, dict) and "_id" in row:
-            rows.append(row)
-    return rows
+        if not isinstance(row, dict):
+            skipped.append(Skipped(path, number, "not a JSON object"))
+        elif "_id" not in row:
+            objects += 1
+            skipped.append(Skipped(path, number, "no _id"))
+        else:
+            rows.append((number, row))
+    if not rows and objects:
+        return [], []
+    if lines[-1].strip():
+        skipped.append(Skipped(path, len(lines), "incomplete last line: a write in progress, or cut by a crash"))
+    return rows, skipped
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Complete rows of one result file; a torn or corrupt line is skipped (its sample will be redone)."""
+    return [row for _, row in scan_rows(path)[0]]
 
 
 class ResultFile:
@@ -163,22 +195,58 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def iter_result_files(root: Path) -> Iterator[Path]:
+def iter_result_files(root: Path, flag: str = "--results") -> Iterator[Path]:
+    """The .jsonl files under root (manifests aside); `flag` names root in errors (an option or argument)."""
     if not root.exists():
         raise InputError(f"results directory not found: {root}")
+    if not root.is_dir():
+        raise InputError(f"{flag} {root} is not a directory (give the folder that `kvbench run --results` wrote)")
     yield from sorted(p for p in root.rglob("*.jsonl") if "manifests" not in p.parts)
 
 
-def load_all_rows(root: Path) -> list[dict[str, Any]]:
+@dataclass
+class ResultSet:
+    """Every row under a results folder (shards merged, duplicates dropped), where each came from, and the lines
+    that held no row."""
+
+    root: Path
+    rows: list[dict[str, Any]]
+    skipped: list[Skipped]
+    origins: dict[int, tuple[Path, int]]  # id(row) -> (file, line)
+
+    def origin(self, row: dict[str, Any]) -> tuple[Path, int] | None:
+        return self.origins.get(id(row))
+
+
+def load_results(root: Path, flag: str = "--results") -> ResultSet:
     """Every row under root, shards merged; a sample that appears twice for one config (two shards that
     overlapped, a copied file) counts once."""
     seen: set[tuple[str, str, str]] = set()
-    rows = []
-    for path in iter_result_files(root):
-        for row in read_rows(path):
+    loaded = ResultSet(root, [], [], {})
+    for path in iter_result_files(root, flag):
+        rows, skipped = scan_rows(path)
+        loaded.skipped += skipped
+        for number, row in rows:
             key = (row.get("config_fp", ""), row.get("task", ""), row["_id"])
             if key in seen:
                 continue
             seen.add(key)
-            rows.append(row)
-    return rows
+            loaded.rows.append(row)
+            loaded.origins[id(row)] = (path, number)
+    return loaded
+
+
+def load_all_rows(root: Path) -> list[dict[str, Any]]:
+    return load_results(root).rows
+
+
+def manifest_protocols(root: Path) -> dict[str, dict[str, Any]]:
+    """protocol fingerprint -> the protocol fields its runs' manifests record (for saying what differs)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.glob("*/manifests/*.json")):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            out.setdefault(str(manifest["protocol_fp"]), dict(manifest["protocol"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a manifest is an aid to the message, never required
+    return out
