@@ -16,13 +16,9 @@ Official facts reproduced here (THUDM/LongBench ``LongBench/eval.py``):
   **last** row's ``all_classes``. We do the same (for merged shards: the last row of the last shard).
 * A file with no rows would divide by zero officially; here it is an InputError.
 
-Speed (2-core dev box, the 21 reference files, 4,750 predictions): about 2 s in all, vs 16 s for
-the official eval. The largest items: jieba's one-off dictionary load (0.5 s from its cache file,
-about 1 s the first time), vcsum (0.5 s: jieba segmentation of long Chinese texts plus ROUGE-L),
-gov_report (0.3 s ROUGE-L) and dureader (0.25 s). With the pltrdy package itself, ROUGE-L would
-dominate (15 s of the 16, 7 s on gov_report); ``kvbench.metrics`` re-implements it exactly. Caching
-is limited to jieba segmentation of identical strings (a pure function; see
-``metrics.jieba_segment``).
+ROUGE-L comes from ``kvbench.metrics``, which re-implements the pltrdy package exactly: the package itself
+would take most of the scoring time (scripts/BENCHMARKS.md, "Reading results"). The only cache is jieba's
+segmentation of identical strings, a pure function (``metrics.jieba_segment``), so caching cannot change a score.
 """
 
 from __future__ import annotations

@@ -142,10 +142,10 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         raise InputError(f"no row has a value of '{field_name}' (--metric {metric}): no task with known evidence, "
                          "only FullKV rows, or results written before kvbench recorded it")
     present = [t for t in present if t not in omitted]
-    avg_len = {}
-    for task in present:
-        lengths = {r["_id"]: r["length"] for r in rows if r["task"] == task}
-        avg_len[task] = sum(lengths.values()) / len(lengths)
+    lengths: dict[str, dict[str, float]] = defaultdict(dict)  # task -> sample id -> LongBench length
+    for row in rows:
+        lengths[row["task"]][row["_id"]] = row["length"]
+    avg_len = {task: sum(lengths[task].values()) / len(lengths[task]) for task in present}
 
     budgets = sorted({b for b, _ in cells}, key=_budget_order)
     method_order = _method_order(rows)

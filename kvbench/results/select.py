@@ -86,25 +86,32 @@ def pick(results: ResultSet, *, model: str | None = None, tasks: Sequence[str] |
 
 
 def check(rows: Sequence[Row], origin: Origin | None = None,
-          protocols: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
+          protocols_of: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
     """Refuse rows that must not be averaged together (see the module docstring). `origin` names a row's
-    file, `protocols` gives the recorded fields of each protocol fingerprint; both only improve the message."""
-    by_protocol = _groups(rows, lambda r: str(r.get("protocol_fp")))
-    if len(by_protocol) > 1:
-        recorded = protocols() if protocols is not None else {}
+    file, `protocols_of` gives the recorded fields of each protocol fingerprint; both only improve the message."""
+    protocols: set[str] = set()
+    task_fps: dict[str, set[str]] = defaultdict(set)
+    configs: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for r in rows:  # one cheap pass; the groups for a message are built only when something is refused
+        protocols.add(str(r.get("protocol_fp")))
+        task_fps[str(r.get("task"))].add(str(r.get("task_fp")))
+        configs[(str(r.get("method")), str(r.get("budget")), str(r.get("task")))].add(str(r.get("config_fp")))
+    if len(protocols) > 1:
+        by_protocol = _groups(rows, lambda r: str(r.get("protocol_fp")))
+        recorded = protocols_of() if protocols_of is not None else {}
         raise InputError(f"rows under {len(by_protocol)} protocol fingerprints cannot be averaged together: "
                          f"{_sides(by_protocol, origin)}; {_protocol_diff(list(by_protocol), recorded)}; "
                          f"{PICK_PROTOCOL}")
-    for task, task_rows in _groups(rows, lambda r: str(r.get("task"))).items():
-        by_task_fp = _groups(task_rows, lambda r: str(r.get("task_fp")))
-        if len(by_task_fp) > 1:
+    for task, fps in task_fps.items():
+        if len(fps) > 1:
+            by_task_fp = _groups([r for r in rows if str(r.get("task")) == task], lambda r: str(r.get("task_fp")))
             raise InputError(f"task {task}: rows under {len(by_task_fp)} task fingerprints (its prompt rules or "
                              f"its data file differ) cannot be averaged together: {_sides(by_task_fp, origin)}; "
                              "keep one set under --results (move the other files away)")
-    cells = _groups(rows, lambda r: (str(r.get("method")), str(r.get("budget")), str(r.get("task"))))
-    for (method, budget, task), cell_rows in cells.items():
-        by_config = _groups(cell_rows, lambda r: str(r.get("config_fp")))
-        if len(by_config) > 1:
+    for (method, budget, task), fps in configs.items():
+        if len(fps) > 1:
+            cell = [r for r in rows if (str(r.get("method")), str(r.get("budget")), str(r.get("task"))) == (method, budget, task)]
+            by_config = _groups(cell, lambda r: str(r.get("config_fp")))
             raise InputError(f"{method} at {budget} on {task}: rows of {len(by_config)} configurations "
                              f"({_config_diff(by_config)}) cannot be averaged together: {_sides(by_config, origin)}; "
                              "give them different preset names or keep them in separate --results folders")

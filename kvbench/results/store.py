@@ -86,7 +86,7 @@ def scan_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Skippe
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8"))  # str, not bytes: json would sniff each line's encoding
         except (json.JSONDecodeError, UnicodeDecodeError):
             skipped.append(Skipped(path, number, "not JSON"))
             continue
