@@ -87,7 +87,17 @@ class Case:
     message: Callable[[Path, dict[str, Path]], list[str]]  # the texts the one line must hold
 
 
+def only_corrupt(root: Path) -> dict[str, Path]:
+    path = root / "m" / "hotpotqa" / "snapkv__r0.1__full__x.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("not json\n")
+    return {"file": path}
+
+
 BAD = {
+    "table: no row, a corrupt line": Case(
+        only_corrupt, lambda r, f, out: ["table", "--results", str(r), "--out", str(out)],
+        lambda r, f: [f"no result rows under {r}; skipped 1 line that holds no usable row: {f['file']}:1 (not JSON)"]),
     "table --results FILE": Case(
         good, lambda r, f, out: ["table", "--results", str(f["file"]), "--out", str(out)],
         lambda r, f: [f"--results {f['file']} is not a directory"]),

@@ -57,8 +57,8 @@ def skipped_note(skipped: Sequence[Skipped], limit: int = 5) -> str:
     ordered = sorted(skipped, key=lambda s: (str(s.path), s.line))
     shown = ", ".join(str(s) for s in ordered[:limit])
     more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    noun = "line" if len(skipped) == 1 else "lines"
-    return f"Skipped {len(skipped)} {noun} that hold no usable row: {shown}{more}."
+    noun = "line that holds" if len(skipped) == 1 else "lines that hold"
+    return f"Skipped {len(skipped)} {noun} no usable row: {shown}{more}."
 
 
 def pick(results: ResultSet, *, model: str | None = None, tasks: Sequence[str] | None = None,
@@ -66,6 +66,9 @@ def pick(results: ResultSet, *, model: str | None = None, tasks: Sequence[str] |
     """The rows of one table: filtered by model, tasks and protocol fingerprint (a unique prefix will do),
     then checked (see check)."""
     rows = results.rows
+    if not rows:
+        note = skipped_note(results.skipped)
+        raise InputError(f"no result rows under {results.root}" + (f"; {note[0].lower()}{note[1:-1]}" if note else ""))
     if model is not None:
         rows = [r for r in rows if r.get("model") == model]
     if tasks:

@@ -237,6 +237,7 @@ def load_results(root: Path, flag: str = "--results") -> ResultSet:
 
 
 def load_all_rows(root: Path) -> list[dict[str, Any]]:
+    """load_results(root).rows."""
     return load_results(root).rows
 
 
