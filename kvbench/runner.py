@@ -381,7 +381,7 @@ def device_name(device: Any) -> str:
         import torch
 
         return torch.cuda.get_device_name(device)
-    try:  # Linux: the CPU model, e.g. "AMD EPYC 9B45"; platform.processor() only says "x86_64" there
+    try:  # Linux: the CPU model (e.g. "AMD EPYC"); platform.processor() only says "x86_64" there
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()

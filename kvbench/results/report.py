@@ -1,7 +1,9 @@
-"""Comparison tables from stored rows, in the layout of the ChunkKV paper's Table 17: an "Avg len" row, a
-FullKV block, then one block per budget with a row per method; task columns and Avg (the plain mean of the
-task scores, recomputed), the best cell of each column in bold within a budget block, short task headers,
-and the protocol fingerprint under the table. Rows of different fingerprints are never mixed in a cell.
+"""Comparison tables from stored rows, in the layout of the ChunkKV paper's Table 17: an "Avg len" row, an "n"
+row (the distinct samples of each task column: one row rather than a footer, so CSV readers get it too and
+columns of different n show it at a glance), a FullKV block, then one block per budget with a row per method;
+task columns and Avg (the plain mean of the task scores, recomputed), the best cell of each column in bold
+within a budget block, short task headers, and the protocol fingerprint under the table. Rows of different
+fingerprints are never mixed in a cell (kvbench.results.select). Rendering is kvbench.results.render's.
 
 Options: `metric` tabulates another per-row field with the same layout (evidence retention, cross-layer
 overlap; see kvbench.evidence); `add_ci` adds paired statistics against FullKV (kvbench.results.stats) to every cell,
