@@ -123,19 +123,19 @@ def table(
     protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
-    from kvbench.results import report, select, store
+    from kvbench.results import report, selection, store
 
-    loaded = select.scored(store.load_results(results))
+    loaded = selection.scored(store.load_results(results))
     if model is not None:
         model = report.stored_model_name(loaded.rows, model)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    rows = select.pick(loaded, model=model, tasks=names, protocol=protocol)
+    rows = selection.pick(loaded, model=model, tasks=names, protocol=protocol)
     built = report.build_table(rows, names, model, metric=metric)
     if ci:
         if resamples < 1:
             raise KvbenchError(f"--resamples must be >= 1, got {resamples}")
         report.add_ci(built, resamples, ci_seed)
-    built.skipped = select.skipped_note(loaded.skipped)
+    built.skipped = selection.skipped_note(loaded.skipped)
     text = report.render(built, format)
     _emit(text, out)
     if built.skipped and format not in ("md", "markdown"):  # markdown prints it under the table

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench import scoring
-from kvbench.results import render as rendering, report, select, store
+from kvbench.results import render as rendering, report, selection, store
 from kvbench.data import load_task_specs
 from kvbench.errors import InputError
 
@@ -99,8 +99,8 @@ def _grouped(rows: list[dict[str, Any]], side: str, root: Path) -> tuple[str, di
 
 
 def compare_dirs(base_dir: Path, new_dir: Path) -> Comparison:
-    base_fp, base = _grouped(select.scored(store.load_results(base_dir, "BASE")).rows, "BASE", base_dir)
-    new_fp, new = _grouped(select.scored(store.load_results(new_dir, "NEW")).rows, "NEW", new_dir)
+    base_fp, base = _grouped(selection.scored(store.load_results(base_dir, "BASE")).rows, "BASE", base_dir)
+    new_fp, new = _grouped(selection.scored(store.load_results(new_dir, "NEW")).rows, "NEW", new_dir)
     if base_fp != new_fp:
         raise InputError(
             f"BASE and NEW are under different protocol fingerprints ({base_fp} vs {new_fp}: model weights, dtype, "

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbench.results import report, select, store
+from kvbench.results import report, selection, store
 from kvbench.errors import InputError
 
 DPI = 110
@@ -270,9 +270,9 @@ def plot_results(results: Path, out: Path, protocol: str | None = None,
                  log: Callable[[str], None] | None = None) -> list[Path]:
     """Every figure the results allow; returns the files written. `protocol` selects rows as `table
     --protocol` does; `log` hears which result lines held no row."""
-    loaded = select.scored(store.load_results(results))
+    loaded = selection.scored(store.load_results(results))
     if loaded.skipped and log is not None:
-        log(f"kvbench: plot: {select.skipped_note(loaded.skipped)}")
+        log(f"kvbench: plot: {selection.skipped_note(loaded.skipped)}")
     rows = loaded.rows
     kl_rows = read_kl_rows(results)
     if not rows and not kl_rows:
@@ -281,12 +281,12 @@ def plot_results(results: Path, out: Path, protocol: str | None = None,
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_model[str(row.get("model", "?"))].append(row)
-    if protocol is not None:  # the models that have rows under it (none: select.pick says what there is)
+    if protocol is not None:  # the models that have rows under it (none: selection.pick says what there is)
         matching = {str(r.get("model")) for r in rows if str(r.get("protocol_fp")).startswith(protocol.strip())}
         by_model = {m: v for m, v in by_model.items() if m in matching} or by_model
     for model in sorted(by_model):
         prefix = f"{_slug(model)}_" if len(by_model) > 1 else ""
-        model_rows = select.pick(loaded, model=model, protocol=protocol)
+        model_rows = selection.pick(loaded, model=model, protocol=protocol)
         table = report.build_table(model_rows)
         title = f"{model}: LongBench score"
         for made in (plot_score_vs_ratio(table, out / f"{prefix}score_vs_ratio.png", f"{title} vs KV kept"),

@@ -3,7 +3,7 @@ row (the distinct samples of each task column: one row rather than a footer, so 
 columns of different n show it at a glance), a FullKV block, then one block per budget with a row per method;
 task columns and Avg (the plain mean of the task scores, recomputed), the best cell of each column in bold
 within a budget block, short task headers, and the protocol fingerprint under the table. Rows of different
-fingerprints are never mixed in a cell (kvbench.results.select). Rendering is kvbench.results.render's.
+fingerprints are never mixed in a cell (kvbench.results.selection). Rendering is kvbench.results.render's.
 
 Options: `metric` tabulates another per-row field with the same layout (evidence retention, cross-layer
 overlap; see kvbench.evidence); `add_ci` adds paired statistics against FullKV (kvbench.results.stats) to every cell,
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench import scoring
-from kvbench.results import render as rendering, select, stats
+from kvbench.results import render as rendering, selection, stats
 from kvbench.data import TaskSpec, load_task_specs
 from kvbench.errors import InputError
 
@@ -48,7 +48,7 @@ class Table:
     ci_n: dict[str, int] = field(default_factory=dict)  # the reference's samples per task
     omitted: list[str] = field(default_factory=list)  # tasks with no value of the metric (no known evidence)
     samples: dict[str, int] = field(default_factory=dict)  # per task, the distinct samples of its column (the n row)
-    skipped: str = ""  # select.skipped_note of the result lines that held no row (markdown prints it under the table)
+    skipped: str = ""  # selection.skipped_note of the result lines that held no row (markdown prints it under the table)
 
     def row_average(self, cells: dict[str, Cell]) -> float | None:
         if any(t not in cells for t in self.tasks):
@@ -123,7 +123,7 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
             raise InputError(f"no results for task(s) {', '.join(missing)}")
         present = [t for t in present if t in tasks]
         rows = [r for r in rows if r["task"] in present]
-    select.check(rows)  # kvbench table and plot ran select.pick first, whose refusals also name the files
+    selection.check(rows)  # kvbench table and plot ran selection.pick first, whose refusals also name the files
     protocol = sorted({r["protocol_fp"] for r in rows})
 
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
