@@ -80,11 +80,15 @@ def _finish(fig: Any, axes: Sequence[Any], path: Path, title: str) -> Path:
 def log_ticks(axis: Any, values: Sequence[float]) -> None:
     """A log-scaled axis labelled with plain numbers ('0.5', '20'): at 1-2-5 steps over up to two decades, 1-3
     steps up to three and a half, powers of ten beyond (so labels stay apart in a 3.6-inch panel), and by a linear
-    locator when the values span too little to hold two 1-2-5 steps; minor ticks unlabelled. Matplotlib's default labels every minor tick of a narrow log axis in
-    scientific notation, and neighbouring labels then overlap. Call after plotting (it sets the scale)."""
+    locator when the values span too little to hold two 1-2-5 steps; minor ticks unlabelled. Matplotlib's
+    default labels every minor tick of a narrow log axis in scientific notation, and neighbouring labels then
+    overlap. Call after plotting (it sets the scale)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    axis.axes.set_xscale("log") if axis is axis.axes.xaxis else axis.axes.set_yscale("log")
+    if axis is axis.axes.xaxis:
+        axis.axes.set_xscale("log")
+    else:
+        axis.axes.set_yscale("log")
     positive = sorted(v for v in values if v > 0)
     if not positive:
         return

@@ -48,7 +48,7 @@ class Table:
     ci_n: dict[str, int] = field(default_factory=dict)  # the reference's samples per task
     omitted: list[str] = field(default_factory=list)  # tasks with no value of the metric (no known evidence)
     samples: dict[str, int] = field(default_factory=dict)  # per task, the distinct samples of its column (the n row)
-    skipped: str = ""  # selection.skipped_note of the result lines that held no row (markdown prints it under the table)
+    skipped: str = ""  # selection.skipped_note of result lines that held no row (markdown prints it under the table)
 
     def row_average(self, cells: dict[str, Cell]) -> float | None:
         if any(t not in cells for t in self.tasks):

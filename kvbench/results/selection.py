@@ -113,7 +113,8 @@ def check(rows: Sequence[Row], origin: Origin | None = None,
                              "keep one set under --results (move the other files away)")
     for (method, budget, task), fps in configs.items():
         if len(fps) > 1:
-            cell = [r for r in rows if (str(r.get("method")), str(r.get("budget")), str(r.get("task"))) == (method, budget, task)]
+            cell = [r for r in rows
+                    if (str(r.get("method")), str(r.get("budget")), str(r.get("task"))) == (method, budget, task)]
             by_config = _groups(cell, lambda r: str(r.get("config_fp")))
             raise InputError(f"{method} at {budget} on {task}: rows of {len(by_config)} configurations "
                              f"({_config_diff(by_config)}) cannot be averaged together: {_sides(by_config, origin)}; "
@@ -155,5 +156,6 @@ def _config_diff(groups: dict[str, list[Row]]) -> str:
     fields = {"scope": [r.get("scope") for r in firsts]}
     for key in sorted({k for r in firsts for k in (r.get("params") or {})}):
         fields[f"params.{key}"] = [(r.get("params") or {}).get(key) for r in firsts]
-    differ = [f"{k} {' vs '.join(str(v) for v in values)}" for k, values in fields.items() if len(set(map(repr, values))) > 1]
+    differ = [f"{k} {' vs '.join(str(v) for v in values)}" for k, values in fields.items()
+              if len(set(map(repr, values))) > 1]
     return "; ".join(differ) if differ else "hyper-parameters, scope or data differ"
