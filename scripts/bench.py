@@ -681,9 +681,6 @@ def p6(args: argparse.Namespace) -> None:
     """Every registered method and preset x the ratios, on every prompt, decoded one plan at a time and batched:
     the fraction of identical predictions and the largest difference between the logits of the first decode
     forward (the second generated token; the first comes from the shared prefill)."""
-    import kvbench.engine as engine_module
-    from kvbench.engine import decode as decode_module
-
     loaded = load_model(args)
     header("P6 batched vs sequential decoding", args)
     items = pick_items(loaded, args)
@@ -691,49 +688,46 @@ def p6(args: argparse.Namespace) -> None:
     print(f"   {len(plans)} plans per prompt (every method and preset x {args.ratios}, plus FullKV)", flush=True)
     engines = {mode: engine_for(loaded, mode) for mode in ("sequential", "batched")}
     first_forward: dict[tuple[str, str], torch.Tensor] = {}
-    current: dict[str, Any] = {"runs": [], "mode": ""}
-    original_group, original_pick = engine_module.decode_group, decode_module.pick_token
 
-    def decode_group(model: Any, runs: list, *a: Any, **k: Any) -> Any:
-        current["runs"] = runs
-        return original_group(model, runs, *a, **k)
+    def recorder(mode: str) -> Callable[..., None]:
+        def record(plan: Any, step: int, logits: torch.Tensor) -> None:
+            if step == 1:  # the logits of the first decode forward
+                first_forward[(mode, f"{plan.label}@{plan.budget.label}")] = logits.detach().float().cpu()
+        return record
 
-    def pick_token(logits: torch.Tensor, history: list[int], *a: Any, **k: Any) -> int:
-        run = next(r for r in current["runs"] if r.history is history)
-        if len(run.generated) == 1:  # the logits of the first decode forward
-            first_forward[(current["mode"], f"{run.plan.label}@{run.plan.budget.label}")] = logits.detach().float().cpu()
-        return original_pick(logits, history, *a, **k)
-
-    engine_module.decode_group, decode_module.pick_token = decode_group, pick_token
+    for mode, engine in engines.items():
+        engine.on_logits = recorder(mode)
     same = total = 0
     worst = 0.0
     differing: list[str] = []
+    dumped: list[dict] = []
     seconds = {mode: Clock() for mode in engines}
-    try:
-        for item in items:
-            gens = {}
-            for mode, engine in engines.items():
-                current["mode"] = mode
-                secs, run = timed(lambda: engine.run(item.prompt, plans, "full", item.sample_id))
-                seconds[mode] += secs
-                gens[mode] = run.generations
-            for a, b in zip(gens["sequential"], gens["batched"]):
-                key = f"{a.plan.label}@{a.plan.budget.label}"
-                total += 1
-                if a.token_ids == b.token_ids:
-                    same += 1
-                else:
-                    differing.append(f"{item.label} {key}")
-                x, y = first_forward.get(("sequential", key)), first_forward.get(("batched", key))
-                if x is not None and y is not None:
-                    worst = max(worst, float((x - y).abs().max()))
-            print(f"   {item.label}: {sum(a.token_ids == b.token_ids for a, b in zip(gens['sequential'], gens['batched']))}"
-                  f" of {len(plans)} predictions identical; sequential {seconds['sequential']}, batched "
-                  f"{seconds['batched']} (cumulative)", flush=True)
-    finally:
-        engine_module.decode_group, decode_module.pick_token = original_group, original_pick
+    for item in items:
+        gens = {}
+        for mode, engine in engines.items():
+            secs, run = timed(lambda: engine.run(item.prompt, plans, "full", item.sample_id))
+            seconds[mode] += secs
+            gens[mode] = run.generations
+        for a, b in zip(gens["sequential"], gens["batched"]):
+            key = f"{a.plan.label}@{a.plan.budget.label}"
+            total += 1
+            if a.token_ids == b.token_ids:
+                same += 1
+            else:
+                differing.append(f"{item.label} {key}")
+            dumped.append({"prompt": item.label, "plan": key, "sequential": list(a.token_ids),
+                           "batched": list(b.token_ids)})
+            x, y = first_forward.get(("sequential", key)), first_forward.get(("batched", key))
+            if x is not None and y is not None:
+                worst = max(worst, float((x - y).abs().max()))
+        print(f"   {item.label}: {sum(a.token_ids == b.token_ids for a, b in zip(gens['sequential'], gens['batched']))}"
+              f" of {len(plans)} predictions identical; sequential {seconds['sequential']}, batched "
+              f"{seconds['batched']} (cumulative)", flush=True)
     for line in differing:
         print(f"   differs: {line}")
+    if args.dump:
+        args.dump.write_text("".join(json.dumps(row) + "\n" for row in dumped))
+        print(f"   wrote every prediction's token ids to {args.dump}")
     footer()
     print(f"P6 | identical predictions batched vs sequential: {same}/{total} ({100 * same / total:.1f}%) | largest "
           f"first-decode-step logit difference {worst:.2e} | batched / sequential time "
@@ -774,6 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="what the ratios use: this process's CPU time or wall time (auto: CPU time with one "
                              "torch thread, where it is the work itself and immune to other processes' load)")
+    parser.add_argument("--dump", type=Path, default=None, help="P6: write every prediction's token ids (jsonl)")
     parser.add_argument("--also-sequential", action="store_true",
                         help="P1: also time the sweep with plans decoded one after another (--decode sequential)")
     args = parser.parse_args(argv)

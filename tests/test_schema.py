@@ -44,6 +44,17 @@ def test_fingerprints_are_those_of_the_code_that_wrote_stored_results():
     assert schema.protocol_fp(schema.protocol_fields(**PROTOCOL, decode="batched", prefill_chunk=512)) == "16f2d76b90e3"
     assert schema.protocol_fp(schema.protocol_fields(**PROTOCOL, prefill_chunk=512)) == "b4f57189036f"
     assert schema.config_fp(schema.config_fields("snapkv", SNAPKV_PARAMS, "r0.1", "full", 2), task) == "4aa4776b692e"
+    # Query-head granularity and head-table artifacts (main 395d4ae, runner.config_fields on Plans of stub methods
+    # with these params, then store.digest): a kv_head plan without artifacts keeps the digest above.
+    heads = {"retrieval_reasoning": "ab" * 32}
+    assert schema.config_fp(schema.config_fields("snapkv", SNAPKV_PARAMS, "r0.1", "full", granularity="kv_head",
+                                                 artifacts={}), task) == "07be8bb6430a"
+    assert schema.config_fp(schema.config_fields("snapkv", SNAPKV_PARAMS, "r0.1", "full", granularity="query_head"),
+                            task) == "e9ca9e548edd"
+    assert schema.config_fp(schema.config_fields("headkv", SNAPKV_PARAMS, "r0.1", "full", artifacts=heads),
+                            task) == "1e3cb2c0b24b"
+    assert schema.config_fp(schema.config_fields("headkv", SNAPKV_PARAMS, "r0.1", "full", 2, granularity="query_head",
+                                                 artifacts=heads), task) == "d618463b577f"
 
 
 def test_fingerprints_see_every_input():
@@ -72,7 +83,8 @@ def test_readme_documents_every_field_and_no_other():
     fields = set(schema.FIELD_NAMES)
     assert fields - documented == set(), "fields missing from results/README.md"
     # budget labels, scopes, decode modes, a --metric value
-    other_words = {"full", "context", "r0", "b128", "batched", "sequential", "retention_min"}
+    other_words = {"full", "context", "r0", "b128", "batched", "sequential", "retention_min", "kv_head", "query_head",
+                   "physical", "simulated", "select", "think", "kivi2", "kivi4"}  # and method names
     assert documented - fields <= other_words, "README names fields the schema lacks"
 
 
@@ -91,6 +103,7 @@ def test_build_row_has_the_schema_fields_in_order():
     gen = Generation(plan=Plan("snapkv_x", _Method(), Budget(ratio=0.5)), token_ids=[5, 6, 7], text="yes",
                      kept_per_layer=[5, 4], cache_bytes=100, cache_bytes_allocated=150, full_cache_bytes=200,
                      decode_seconds=0.123456, max_cache_tokens=8, final_cache_tokens=[8, 7], decode="batched",
+                     kept_entries=9, storage="simulated", stages=[("select", 180), ("kivi4", 100)],
                      kept_indices=[Selection.uniform(torch.tensor([[0, 1, 2, 3, 9]])),
                                    Selection.uniform(torch.tensor([[0, 1, 2, 9]]))])
     fields = evidence.row_fields(TASK, sample, prompt, gen.kept_indices, gen.kept_per_layer, 10)
@@ -105,3 +118,7 @@ def test_build_row_has_the_schema_fields_in_order():
     assert row["kept_tokens_mean"] == 4.5 and row["prefill_seconds"] == 1.2346 and row["decode_seconds"] == 0.1235
     assert row["device"] == "Some CPU" and row["decode"] == "batched" and row["cache_bytes_allocated"] == 150
     assert (row["protocol_fp"], row["task_fp"], row["config_fp"]) == ("p", "t", "c")
+    # 9 kept entries of 2 layers x 1 head x 10 prefilled tokens
+    assert row["granularity"] == "kv_head" and row["token_keep_ratio"] == 0.45 and row["byte_ratio"] == 0.5
+    assert row["storage"] == "simulated" and row["stages"] == [{"stage": "select", "bytes": 180},
+                                                               {"stage": "kivi4", "bytes": 100}]

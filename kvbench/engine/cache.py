@@ -42,9 +42,15 @@ class KeptLayer:
         return cls(keys, values, torch.full((heads,), length, dtype=torch.long))
 
     @classmethod
-    def gather(cls, keys: torch.Tensor, values: torch.Tensor, selection: Selection) -> "KeptLayer":
-        """keys/values [H, T, d] of the full prompt -> the selected entries (padding gathers position 0)."""
-        index = selection.indices.to(keys.device)[:, :, None].expand(-1, -1, keys.shape[-1])
+    def gather(cls, keys: torch.Tensor, values: torch.Tensor, selection: Selection, head_repeat: int = 1) -> "KeptLayer":
+        """keys/values [H, T, d] of the full prompt -> the selected entries (padding gathers position 0).
+        With head_repeat = g the selection has H * g rows (one per query head) and row h reads head h // g,
+        without materialising the repeated prompt."""
+        indices = selection.indices.to(keys.device)
+        if head_repeat > 1:
+            heads = torch.arange(indices.shape[0], device=keys.device)[:, None] // head_repeat
+            return cls(keys[heads, indices], values[heads, indices], selection.lengths.to("cpu"))
+        index = indices[:, :, None].expand(-1, -1, keys.shape[-1])
         return cls(torch.gather(keys, 1, index), torch.gather(values, 1, index), selection.lengths.to("cpu"))
 
     @property
@@ -73,6 +79,9 @@ class RaggedLayer(DynamicLayer):
             self._v[b, :, : layer.width].copy_(layer.values)
         self.lengths = torch.stack([layer.lengths for layer in layers]).to(torch.long)  # [B, H], CPU
         self.dtype, self.device = first.keys.dtype, first.keys.device
+        # A copy on the device, kept in step with `lengths`, so building masks never copies from the host
+        # (a host-to-device copy per layer and step would wait for the GPU).
+        self._lengths_dev = self.lengths.to(self.device, copy=True)
         self.is_initialized = True
         self._expose()
 
@@ -97,7 +106,7 @@ class RaggedLayer(DynamicLayer):
         if self.uniform:
             return None
         width = self.width
-        lengths = self.lengths.to(self.device)  # [B, H]
+        lengths = self._lengths_dev  # [B, H]
         last = lengths[:, :, None] - q_len + torch.arange(q_len, device=self.device)  # [B, H, q]: own column
         mask = torch.arange(width, device=self.device)[None, None, None, :] <= last[..., None]
         group = query_heads // mask.shape[1]
@@ -118,10 +127,11 @@ class RaggedLayer(DynamicLayer):
             self._k[:, :, start:start + q_len].copy_(key_states)
             self._v[:, :, start:start + q_len].copy_(value_states)
         else:
-            columns = self.lengths.to(self.device)[:, :, None] + torch.arange(q_len, device=self.device)
+            columns = self._lengths_dev[:, :, None] + torch.arange(q_len, device=self.device)
             self._k.scatter_(2, columns[..., None].expand(-1, -1, -1, self._k.shape[-1]), key_states)
             self._v.scatter_(2, columns[..., None].expand(-1, -1, -1, self._v.shape[-1]), value_states)
         self.lengths += q_len
+        self._lengths_dev += q_len
         self._expose()
         return self.keys, self.values
 
@@ -150,6 +160,7 @@ class RaggedLayer(DynamicLayer):
         """Drop every plan not in `rows`, in that order (finished plans leave the batch)."""
         index = torch.tensor(rows, dtype=torch.long)
         self.lengths = self.lengths[index]
+        self._lengths_dev = self.lengths.to(self.device, copy=True)
         self._k = self._k.index_select(0, index.to(self.device))
         self._v = self._v.index_select(0, index.to(self.device))
         self._expose()
@@ -164,6 +175,7 @@ class RaggedLayer(DynamicLayer):
         self._k[b, :, :k].copy_(keys)
         self._v[b, :, :k].copy_(values)
         self.lengths[b] = lengths
+        self._lengths_dev[b] = lengths.to(self.device)
         self._expose()
 
     def valid_bytes(self, b: int) -> int:

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from kvbench.engine import attention, rope
 from kvbench.engine.cache import RaggedCache
-from kvbench.engine.compress import Compressed, Plan
-from kvbench.methods.base import LayerDecoder, Selection
+from kvbench.engine.compress import Compressed, Plan, gqa_group
+from kvbench.methods.base import DecodeStep, LayerDecoder, Selection
 
 DECODE_MODES = ("batched", "sequential")
 
@@ -35,7 +36,6 @@ class PlanDecode:
     plan: Plan
     compressed: Compressed
     n_seen: int  # tokens the model has seen (prompt positions included): the next original position
-    history: list[int]  # prompt ids + generated ids, for the repetition penalty
     seconds: float = 0.0  # compression + this plan's share of the decode forwards
     generated: list[int] = field(default_factory=list)
     max_cache: int = 0
@@ -52,8 +52,9 @@ class DecodeObserver:
     evicts from the cache. `slots[row]` holds the decoders of the plan in that row of the cache."""
 
     def __init__(self, cache: RaggedCache, slots: list[dict[int, LayerDecoder]],
-                 rerotators: list[rope.Rerotator | None]):
+                 rerotators: list[rope.Rerotator | None], model: Any = None):
         self.cache, self.slots, self.rerotators = cache, slots, rerotators
+        self.rope = None if model is None else (lambda: rope.for_model(model))  # for decoders that re-rotate
 
     def keep_rows(self, rows: list[int]) -> None:
         self.slots = [self.slots[i] for i in rows]
@@ -74,15 +75,9 @@ class DecodeObserver:
             length = int(lengths[0])
             if not bool((lengths == length).all()):
                 raise RuntimeError("continuous eviction needs one cache length per layer")
-            q = query[row].float()
             keys = key[row, :, :length]
-            group = q.shape[0] // keys.shape[0]
-            logits = torch.matmul(q, keys.float().repeat_interleave(group, dim=0).transpose(1, 2)) * float(module.scaling)
-            q_len = q.shape[1]
-            if q_len > 1:
-                causal = torch.ones(q_len, length, dtype=torch.bool, device=q.device).tril(length - q_len)
-                logits = logits.masked_fill(~causal, float("-inf"))
-            keep = decoder.step(torch.softmax(logits, dim=-1), keys)
+            step = DecodeStep(query[row], keys, value[row, :, :length], float(module.scaling), self.rope)
+            keep = decoder.on_step(step)
             if keep is None:
                 continue
             selection = Selection.of(keep)
@@ -95,25 +90,40 @@ class DecodeObserver:
             layer.set_plan(row, kept_keys, kept_values, selection.lengths.to("cpu"))
 
 
-def pick_token(logits: torch.Tensor, history: list[int], stops: torch.Tensor, first: bool, penalty: float) -> int:
-    """Greedy choice after HF's repetition penalty; the first token may not be a stop (LongBench's
-    min_length = prompt + 1: no empty answers)."""
-    logits = penalise(logits.float(), history, penalty)
-    if first and stops.numel():
-        logits = logits.clone()
-        logits[stops] = float("-inf")
-    return int(torch.argmax(logits))
+class Picker:
+    """Greedy choice for a batch of plans, after HF's repetition penalty (RepetitionPenaltyLogitsProcessor,
+    which LongBench's generate() applies when the model's generation config sets repetition_penalty; Qwen2-Instruct
+    ships 1.05): every token a plan has seen (prompt and answer so far) has its logit divided by the penalty,
+    or multiplied when negative. HF gathers the logits of the history, changes them and scatters them back;
+    a mask of seen tokens changes exactly the same elements with the same operations. The first token may not
+    be a stop (LongBench's min_length = prompt + 1: no empty answers). One host sync per step, for the batch."""
 
+    def __init__(self, prompt_ids: list[int], n_plans: int, vocab: int, settings: "DecodeSettings"):
+        self.penalty = settings.repetition_penalty
+        self.stops = torch.tensor(sorted(settings.stop_ids), device=settings.device, dtype=torch.long)
+        self.seen = None
+        if self.penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=settings.device)
+            seen[torch.tensor(prompt_ids, device=settings.device, dtype=torch.long)] = True
+            self.seen = seen.expand(n_plans, vocab).clone()
 
-def penalise(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
-    """HF's RepetitionPenaltyLogitsProcessor, which LongBench's generate() applies when the model's generation
-    config sets repetition_penalty (Qwen2-Instruct ships 1.05)."""
-    if penalty == 1.0:
-        return logits
-    index = torch.tensor(history, device=logits.device)
-    picked = logits.gather(0, index)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(0, index, picked)
+    def keep_rows(self, rows: list[int]) -> None:
+        if self.seen is not None:
+            self.seen = self.seen[torch.tensor(rows, device=self.seen.device)]
+
+    def pick(self, logits: torch.Tensor, first: bool) -> list[int]:
+        """logits [A, V] of the active plans (in row order) -> their next tokens."""
+        logits = logits.float()
+        if self.seen is not None:
+            penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if first and self.stops.numel():
+            logits = logits.clone()
+            logits[:, self.stops] = float("-inf")
+        tokens = torch.argmax(logits, dim=-1)
+        if self.seen is not None:
+            self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+        return tokens.tolist()
 
 
 @dataclass
@@ -122,22 +132,28 @@ class DecodeSettings:
     stop_ids: frozenset[int]
     repetition_penalty: float
     device: torch.device
+    # Called with (plan, step, next-token logits [V]) before each choice (measurements, e.g. scripts/bench.py P6).
+    on_logits: Callable[[Plan, int, torch.Tensor], None] | None = None
 
 
-def decode_group(model: Any, runs: list[PlanDecode], question: torch.Tensor | None, first_logits: torch.Tensor | None,
-                 settings: DecodeSettings, reserve: int) -> None:
+def decode_group(model: Any, runs: list[PlanDecode], prompt_ids: list[int], question: torch.Tensor | None,
+                 first_logits: torch.Tensor | None, settings: DecodeSettings, reserve: int) -> None:
     """Decode every plan of `runs` together, one forward per token for all unfinished plans. Exactly one of
     `question` (ids [1, q] fed through the compressed caches first: --scope context) and `first_logits` (the
     prefill's next-token logits: --scope full) is given. Fills each run's generated ids and bookkeeping."""
     device = settings.device
-    cache = RaggedCache([run.compressed.layers for run in runs], reserve=reserve)
+    query_heads = {run.plan.granularity == "query_head" for run in runs}
+    if len(query_heads) > 1:
+        raise ValueError("a decode group mixes kv_head and query_head plans")
+    # A query_head cache stores H_q heads: every new token's K/V arrive with H_kv heads and are repeated.
+    repeat = gqa_group(model) if query_heads.pop() else 1
+    cache = RaggedCache([run.compressed.layers for run in runs], reserve=reserve, head_repeat=repeat)
     for row, run in enumerate(runs):
         run.allocated_bytes = cache.allocated_bytes(row)
         run.max_cache = cache.max_length(row)
         run.compressed.layers = []  # the cache holds its own copy now
     rerotators = [rope.for_model(model) if run.contiguous and run.compressed.decoders else None for run in runs]
-    observer = DecodeObserver(cache, [run.compressed.decoders for run in runs], rerotators)
-    stops = torch.tensor(sorted(settings.stop_ids), device=device, dtype=torch.long)
+    observer = DecodeObserver(cache, [run.compressed.decoders for run in runs], rerotators, model)
     active = list(range(len(runs)))
 
     def position(row: int, run: PlanDecode) -> int:
@@ -150,6 +166,12 @@ def decode_group(model: Any, runs: list[PlanDecode], question: torch.Tensor | No
         with attention.decoding(cache), attention.observing(observer if observer.active else None):
             logits = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                            logits_to_keep=1).logits[:, -1]
+        for row, index in enumerate(active):  # transforms that keep working while decoding (KIVI)
+            lifecycle = runs[index].compressed.lifecycle
+            if lifecycle is not None:
+                for number, layer in enumerate(cache.layers):
+                    keys, values, lengths = layer.plan_entries(row)
+                    lifecycle.after_forward(number, keys, values, lengths)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         share = (time.perf_counter() - start) / len(active)
@@ -166,25 +188,30 @@ def decode_group(model: Any, runs: list[PlanDecode], question: torch.Tensor | No
             runs[i].n_seen += q_len
     else:
         logits = first_logits[None].expand(len(active), -1)
+    picker = Picker(prompt_ids, len(active), logits.shape[-1], settings)
     for step in range(settings.max_new_tokens):
+        if settings.on_logits is not None:
+            for row, i in enumerate(active):
+                settings.on_logits(runs[i].plan, step, logits[row])
+        start = time.perf_counter()
+        tokens = picker.pick(logits, first=step == 0)
+        share = (time.perf_counter() - start) / len(active)
         going: list[int] = []
-        for row, i in enumerate(active):
+        for row, (i, token) in enumerate(zip(active, tokens)):
             run = runs[i]
-            start = time.perf_counter()
-            token = pick_token(logits[row], run.history, stops, step == 0, settings.repetition_penalty)
+            run.seconds += share
             run.generated.append(token)
-            run.history.append(token)
             if token not in settings.stop_ids and step < settings.max_new_tokens - 1:
                 going.append(row)
             else:
                 run.final_cache_tokens = cache.lengths(row)
-            run.seconds += time.perf_counter() - start
         if len(going) < len(active):
             active = [active[row] for row in going]
             if not active:
                 break
             cache.keep_plans(going)
             observer.keep_rows(going)
+            picker.keep_rows(going)
         ids = torch.tensor([[runs[i].generated[-1]] for i in active], device=device)
         positions = torch.tensor([[position(row, runs[i])] for row, i in enumerate(active)], device=device)
         logits = forward(ids, positions)

@@ -9,7 +9,8 @@ Fingerprints (12 hex digits of a sha256 over sorted-key JSON):
 - protocol_fp: everything outside the task and the method that changes a score (model weights identity,
   truncation length, chat policy, dtype, prompt-rule, metric and engine versions);
 - task_fp: the task's prompt/generation/metric rules, the exact data (file sha256, hub commit) and protocol_fp;
-- config_fp: method, resolved hyper-parameters, budget, scope, and task_fp.
+- config_fp: method, resolved hyper-parameters, budget, scope, and task_fp (plus, only where they are not the
+  default: granularity, the sha256 of the files the method reads, the method's code version).
 Their inputs and composition are frozen: stored results carry these digests, and a table refuses to average
 rows whose digests differ, so changing how they are computed would silently split old results from new ones
 (tests/test_schema.py pins them). Bump a version string instead when something that moves scores changes.
@@ -62,9 +63,15 @@ def task_fp(task_fields: Mapping[str, Any], data_identity: str, protocol: str) -
     return digest({"task": dict(task_fields), "data": data_identity, "protocol": protocol})
 
 
-def config_fields(method: str, params: Mapping[str, Any], budget: str, scope: str, version: int = 1) -> dict[str, Any]:
-    """`version` is the method's code version (Method.version)."""
+def config_fields(method: str, params: Mapping[str, Any], budget: str, scope: str, version: int = 1, *,
+                  granularity: str = "kv_head", artifacts: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`version` is the method's code version (Method.version), `granularity` the plan's storage granularity,
+    `artifacts` the files the method reads (head tables) by sha256 (Method.artifacts())."""
     fields: dict[str, Any] = {"method": method, "params": dict(params), "budget": budget, "scope": scope}
+    if granularity != "kv_head":  # only then, so the fingerprints of kv_head rows stay what they were
+        fields["granularity"] = granularity
+    if artifacts:
+        fields["artifacts"] = dict(artifacts)
     if version != 1:  # version 1 adds nothing, so the fingerprints of rows written before versions existed hold
         fields["version"] = version
     return fields
@@ -117,6 +124,21 @@ def _classes(r: RowInputs) -> list[str] | None:
     return list(r.sample.all_classes) if r.sample.all_classes is not None else None
 
 
+def _token_keep_ratio(r: RowInputs) -> float:
+    """methods-2.md §1.8: kept entries / (layers x stored heads x prefilled tokens)."""
+    heads = len(r.gen.kept_indices[0].lengths) if r.gen.kept_indices else 0
+    slots = len(r.gen.kept_per_layer) * heads * r.prefilled
+    return round(r.gen.kept_entries / slots, 6) if slots else 1.0
+
+
+def _byte_ratio(r: RowInputs) -> float | None:
+    return round(r.gen.cache_bytes / r.gen.full_cache_bytes, 6) if r.gen.full_cache_bytes else None
+
+
+def _stages(r: RowInputs) -> list[dict[str, Any]] | None:
+    return [{"stage": stage, "bytes": nbytes} for stage, nbytes in r.gen.stages] if r.gen.stages else None
+
+
 FIELDS: tuple[Field, ...] = (
     Field("_id", "LongBench's sample id", lambda r: r.sample.id),
     Field("task", "task name", lambda r: r.task.name),
@@ -128,6 +150,7 @@ FIELDS: tuple[Field, ...] = (
     Field("budget_tokens", "tokens kept with --budget (else null)", lambda r: r.gen.plan.budget.tokens),
     Field("budget", "budget label: full, r<ratio> or b<tokens>", lambda r: r.gen.plan.budget.label),
     Field("scope", "full or context", lambda r: r.scope),
+    Field("granularity", "kv_head or query_head: the heads the cache is stored per", lambda r: r.gen.plan.granularity),
     Field("prediction", "the generated answer", lambda r: r.gen.text),
     Field("answers", "reference answers", lambda r: list(r.sample.answers)),
     Field("all_classes", "class list of classification tasks (else null)", _classes),
@@ -143,6 +166,11 @@ FIELDS: tuple[Field, ...] = (
     Field("cache_bytes_allocated", "bytes of this plan's decode buffers (padding, room for the answer)",
           lambda r: r.gen.cache_bytes_allocated),
     Field("full_cache_bytes", "bytes of the uncompressed cache", lambda r: r.gen.full_cache_bytes),
+    Field("token_keep_ratio", "kept entries / (layers x stored heads x prefilled tokens)", _token_keep_ratio),
+    Field("byte_ratio", "cache_bytes / full_cache_bytes (null when full_cache_bytes is 0)", _byte_ratio),
+    Field("storage", "physical (cache_bytes are the buffers) or simulated (the packed layout's bytes)",
+          lambda r: r.gen.storage),
+    Field("stages", "bytes after each transform stage, [{stage, bytes}] (null: no transform)", _stages),
     Field("max_cache_tokens", "largest cache any layer held while decoding", lambda r: r.gen.max_cache_tokens),
     _evidence("evidence_tokens", "tokens of the known evidence in the final prompt (null: none known)"),
     _evidence("evidence_retention", "per layer, fraction of (KV head, evidence token) pairs kept"),

@@ -25,6 +25,7 @@ from typing import Any
 
 from kvbench.errors import InputError
 from kvbench.results.lock import FileLock, LockedError  # noqa: F401 (LockedError: part of store's interface)
+from kvbench.results.schema import digest  # noqa: F401 (store.digest: the sensitivity study keys its rows with it)
 
 SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 
