@@ -288,8 +288,9 @@ def _unavailable(spec: ModelSpec, exc: BaseException, trust_remote_code: bool) -
         else "check the path"
     )
     if not trust_remote_code and "trust_remote_code" in str(exc):
-        hint = "it needs its own code from the hub: review that code, then pass --trust-remote-code"
-    return ModelUnavailableError(f"cannot load model '{spec.name}' ({_first_line(exc)}): {hint}")
+        hint = "it needs its own code from the hub: review that code, then pass {trust_remote_code}"
+    return ModelUnavailableError(f"cannot load model '{spec.name}' ({_first_line(exc)}): {hint}",
+                                 options=("trust_remote_code",))
 
 
 def preflight(spec: ModelSpec, trust_remote_code: bool = False) -> Preflight:

@@ -113,7 +113,7 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
     if len(protocol) > 1:
         raise InputError(
             f"results under {len(protocol)} protocol fingerprints ({', '.join(protocol)}) cannot share a table; "
-            "move one set elsewhere or select it with --results"
+            "move one set elsewhere or select it with {results}", options=("results",)
         )
     for task in present:
         fps = sorted({r["task_fp"] for r in rows if r["task"] == task})

@@ -123,8 +123,8 @@ class FileLock:
     def _locked(self, holder: tuple[int, str] | None) -> LockedError:
         who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
         return LockedError(
-            f"{self.path.with_suffix('')} is being written by {who}; use --wait to wait for it "
-            f"(or delete {self.path.name} if that process is gone)"
+            f"{self.path.with_suffix('')} is being written by {who}; use {{wait}} to wait for it "
+            f"(or delete {self.path.name} if that process is gone)", options=("wait",)
         )
 
     def acquire(self) -> None:
