@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import socket
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -278,14 +280,24 @@ class Hub(LocalDir):
         super().__init__(target)
 
     def _download(self, download: Callable[..., str] | None) -> str:
+        where = f"{HUB_REPO}/{HUB_FILE}@{self.revision[:12]}"
         if download is None:
             from huggingface_hub import hf_hub_download
 
             download = hf_hub_download
+            try:  # the Hugging Face cache first: no network needed once it holds the file
+                return download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset", revision=self.revision,
+                                local_files_only=True)
+            except Exception:
+                pass
+            # Offline, huggingface_hub retries for about 45 s before it gives up: ask the network once first.
+            reason = _hub_unreachable()
+            if reason:
+                raise HubUnavailable(f"cannot fetch {where} ({reason})")
         try:
             return download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset", revision=self.revision)
         except Exception as exc:  # network errors come in many types; all mean the same to the user
-            raise HubUnavailable(f"cannot fetch {HUB_REPO}/{HUB_FILE}@{self.revision[:12]} ({type(exc).__name__})") from None
+            raise HubUnavailable(f"cannot fetch {where} ({type(exc).__name__})") from None
 
     @staticmethod
     def _unpack(archive: Path, target: Path) -> None:
@@ -305,6 +317,24 @@ class Hub(LocalDir):
 
     def identity(self, task: TaskSpec) -> str:
         return f"hub:{HUB_REPO}@{self.resolved[:12]}:{_file_digest(self.path(task))}"
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (offline mode, no route, no name), or None."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy a direct connection proves nothing: let huggingface_hub try
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as exc:
+        return f"{url.hostname} unreachable: {exc.strerror or type(exc).__name__}"
+    return None
 
 
 class Synthetic(DataSource):
