@@ -1,17 +1,23 @@
 """The method registry: one file per method, one line per method here; named presets in
-configs/methods.yaml (a base method plus hyper-parameter overrides)."""
+kvbench/configs/methods.yaml (a base method plus hyper-parameter overrides) and in a user's --presets file.
+Methods from outside kvbench: `register_method`, `package.module:Class`, entry points (methods.plugins)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kvbench import resources
 from kvbench.errors import InputError
+from kvbench.methods import plugins
+from kvbench.methods import presets as presets_mod
 from kvbench.methods.base import Method
 from kvbench.methods.fullkv import FullKV
-from kvbench.registry import Registry, did_you_mean, unknown
+from kvbench.registry import Registry, unknown
+from kvbench.results.store import digest
 
 METHODS: Registry[type[Method]] = Registry("method")
 METHODS.register("fullkv", FullKV, aliases=("full",))
@@ -49,78 +55,118 @@ METHODS.register("sink_recent", SinkRecent, aliases=("sink+recent",))
 
 @dataclass(frozen=True)
 class MethodChoice:
-    label: str  # what the user typed (method or preset name)
+    label: str  # what the user typed (method or preset name), or the name of a Method instance
     base: str  # registered method name
     method: Method
 
 
-def presets() -> dict[str, dict[str, Any]]:
-    data = resources.load_yaml(resources.config_path("methods.yaml"))
-    return data.get("presets", {}) or {}
+def register_method(name: str | type[Method] | None = None, *, aliases: tuple[str, ...] = ()):
+    """Class decorator adding a Method subclass to the registry: `@register_method` (under its `name`, or its
+    class name lower-cased) or `@register_method("name")`. Registering the same class again (a re-run
+    notebook cell, a reloaded module) replaces it; another class under a taken name is an error."""
+
+    def add(cls: type[Method], key: str | None) -> type[Method]:
+        plugins.checked_class(cls, f"register_method({cls.__qualname__})")
+        own = cls.__dict__.get("name") or ""
+        key = (key or own or cls.__name__).strip().lower()
+        if own and own != key:
+            raise ValueError(f"register_method('{key}'): {cls.__qualname__}.name is '{own}'; use one name")
+        if key in METHODS:
+            old = METHODS.get(key)
+            if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"method '{key}' is already registered ({old.__module__}.{old.__qualname__})")
+            METHODS.unregister(key)
+        cls.name = key
+        METHODS.register(key, cls, aliases)
+        return cls
+
+    if isinstance(name, type):
+        return add(name, None)
+    return lambda cls: add(cls, name)
 
 
-def all_names() -> list[str]:
-    return METHODS.names() + [p for p in presets() if p not in METHODS]
+def _named(cls: type[Method], name: str) -> type[Method]:
+    """A class from outside the registry keeps its own `name`, or is named as the user named it."""
+    if not cls.__dict__.get("name"):
+        cls.name = name
+    return cls
 
 
-def _coerce(value: str, current: Any, key: str, method: str) -> Any:
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"--method-arg {key}={value}: {method}.{key} expects true or false")
-    for kind in (int, float):
-        if isinstance(current, kind):
-            try:
-                return kind(value)
-            except ValueError:
-                raise InputError(f"--method-arg {key}={value}: {method}.{key} expects {kind.__name__}") from None
-    if isinstance(current, tuple):
-        return tuple(int(v) for v in value.split(":") if v) if value else ()
-    return value
+def method_class(name: str) -> tuple[str, type[Method]]:
+    """(canonical name, class) of a registered name or alias, a package.module:Class reference, or the name of
+    an installed entry point (group kvbench.methods), in that order."""
+    if plugins.is_reference(name):
+        cls = plugins.load_reference(name)
+        return cls.__dict__.get("name") or name.strip(), _named(cls, name.strip())
+    key = name.strip().lower()
+    if key in METHODS:
+        return METHODS.canonical(key), METHODS.get(key)
+    cls = plugins.load_entry_point(key)
+    if cls is None:
+        raise unknown("method", name, all_names())
+    return key, _named(cls, key)
 
 
-def build(name: str, overrides: dict[str, str] | None = None) -> MethodChoice:
-    """A method instance from a registry name or a preset, with --method-arg overrides applied. Overrides
+def presets(user: Path | None = None) -> dict[str, presets_mod.Preset]:
+    """The package's presets, then the user's (--presets FILE), each checked."""
+    table = presets_mod.load(resources.config_path("methods.yaml"), lambda m: method_class(m)[1])
+    if user is None:
+        return table
+    mine = presets_mod.load(user, lambda m: method_class(m)[1])
+    for key in mine:
+        if key in table or key in METHODS:
+            kind = "package preset" if key in table else "method"
+            raise InputError(f"{user}: preset '{key}' has the name of a kvbench {kind}; give it another name")
+    return {**table, **mine}
+
+
+def all_names(user_presets: Path | None = None) -> list[str]:
+    names = METHODS.names() + sorted(plugins.entry_points())
+    return names + [p for p in presets(user_presets) if p not in names]
+
+
+def build(spec: str | Method, overrides: Mapping[str, Any] | None = None,
+          user_presets: Path | None = None) -> MethodChoice:
+    """A method instance from a registry name, a preset, a package.module:Class reference, an entry point, or
+    a Method instance, with hyper-parameter overrides applied (strings are parsed: --method-arg). Overrides
     that do not apply to this method are an error (the caller filters per method when several are run)."""
     overrides = overrides or {}
-    key = name.strip().lower()
-    table = presets()
-    if key in table:
-        entry = dict(table[key])
-        base = entry.pop("method", None)
-        if base is None:
-            raise InputError(f"configs/methods.yaml: preset '{key}' has no 'method'")
-        params: dict[str, Any] = entry
+    if isinstance(spec, Method):
+        reference = f"{type(spec).__module__}:{type(spec).__qualname__}"
+        cls = _named(plugins.checked_class(type(spec), reference), reference)
+        label, params, instance = cls.name, {}, spec
     else:
-        if key not in METHODS:
-            raise unknown("method", name, all_names())
-        base, params = key, {}
-    cls = METHODS.get(base)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = cls()
-    for pkey in params:
-        if pkey not in fields:
-            raise InputError(f"configs/methods.yaml: preset '{key}': {base} has no parameter '{pkey}'")
-    for okey, value in overrides.items():
-        if okey not in fields:
-            raise InputError(
-                f"--method-arg {okey}: {base} has no parameter '{okey}'{did_you_mean(okey, list(fields))}"
-                f"; it has {', '.join(fields)}"
-            )
-        params[okey] = _coerce(value, getattr(defaults, okey), okey, base)
+        table = presets(user_presets)
+        label = spec.strip() if plugins.is_reference(spec) else spec.strip().lower()
+        if label in table:
+            preset = table[label]
+            _, cls = method_class(preset.method)
+            params = dict(preset.params)
+        else:
+            label, cls = method_class(spec)
+            params = {}
+        instance = None
+    fields = presets_mod.defaults(cls)
+    for key, value in overrides.items():
+        if key not in fields:
+            raise InputError(f"{{method_args}} {key}: {presets_mod.unknown_parameter(cls, key)}",
+                             options=("method_args",))
+        try:
+            params[key] = presets_mod.typed_value(value, fields[key], parse=True)
+        except ValueError as exc:
+            raise InputError(f"{{method_args}} {key}={value}: {cls.name}.{key} expects {exc}",
+                             options=("method_args",)) from None
     try:
-        method = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        method = dataclasses.replace(instance, **params) if instance is not None else cls(**params)
     except TypeError as exc:
-        raise InputError(f"method {base}: {exc}") from None
-    return MethodChoice(label=key, base=cls.name, method=method)
+        raise InputError(f"method {cls.name}: {exc}") from None
+    if instance is not None and method.params() != _default_params(cls):
+        label = f"{cls.name}-{digest(method.params(), 6)}"  # two configured instances never share a label
+    return MethodChoice(label=label, base=cls.name, method=method)
 
 
-def parse_method_list(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if not names:
-        raise InputError("--method is empty")
-    if names == ["all"]:
-        return METHODS.names()
-    return names
+def _default_params(cls: type[Method]) -> dict[str, Any] | None:
+    try:
+        return cls().params()
+    except TypeError:  # a field without a default
+        return None
