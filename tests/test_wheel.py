@@ -80,7 +80,7 @@ def test_wheel_in_a_fresh_virtualenv_runs_offline(tmp_path):
 
     def kvbench(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([str(venv / "bin" / "kvbench"), *args], cwd=work, env={**env, **extra_env},
-                              capture_output=True, text=True, timeout=1800)
+                              capture_output=True, text=True, timeout=3600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
