@@ -60,13 +60,20 @@ def evaluate(
 
     Returns one dict per (sample, method, budget) of the selected samples, in the schema of results/README.md,
     including rows an earlier run had already written to `results`."""
+    return run(model, methods, ratios=ratios, budgets=budgets, tasks=tasks, data_dir=data_dir, limit=limit,
+               scope=scope, results=results, log=log, progress=progress, **options).rows
+
+
+def run(model: Any, methods: Any, *, log: Callable[[str], None] | None = _stderr, progress: Any = None,
+        **options: Any) -> Any:
+    """`evaluate`, returning the run's whole `runner.RunSummary` (rows, result files, counts): what the CLI
+    prints after a run."""
     from kvbench import runner
 
-    opts = run_options(model, methods, ratios=ratios, budgets=budgets, tasks=tasks, data_dir=data_dir,
-                       limit=limit, scope=scope, results=results, **options)
+    opts = run_options(model, methods, **options)
     loaded = opts.model if not isinstance(opts.model, str) else None
     try:
-        return runner.run(opts, log=log or (lambda _message: None), progress=progress).rows
+        return runner.run(opts, log=log or (lambda _message: None), progress=progress)
     finally:
         if loaded is not None:
             _restore(loaded)

@@ -91,12 +91,12 @@ def _spec_from_alias(alias: str, entry: dict[str, Any]) -> ModelSpec:
     allowed = {"hf_id", "embedded", "gguf", "max_length", "chat", "dtype", "how_to_get", "stop_tokens"}
     extra = set(entry) - allowed
     if extra:
-        raise InputError(f"configs/models.yaml: model '{alias}' has unknown keys {sorted(extra)}")
+        raise InputError(f"kvbench/configs/models.yaml: model '{alias}' has unknown keys {sorted(extra)}")
     embedded = entry.get("embedded")
     gguf = entry.get("gguf") or {}
     chat = entry.get("chat", "template")
     if chat not in ("template", "none"):
-        raise InputError(f"configs/models.yaml: model '{alias}': chat must be 'template' or 'none'")
+        raise InputError(f"kvbench/configs/models.yaml: model '{alias}': chat must be 'template' or 'none'")
     return ModelSpec(
         name=alias,
         hf_id=entry.get("hf_id"),
@@ -200,10 +200,18 @@ def ensure_converted(gguf: Path) -> tuple[Path, str]:
                 return target, sha
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(gguf, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise InputError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
     sha = sha or file_sha256(gguf)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # a damaged file fails inside the GGUF reader in many ways (ValueError, struct, index)
+        raise InputError(
+            f"cannot read GGUF file {gguf} ({_error_text(exc)}); is it complete and undamaged?"
+        ) from None
     # save_pretrained refuses a model that still says it is gguf-quantised; the weights are plain floats now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -349,6 +357,12 @@ def load_model(
     loaded = LoadedModel(model=model, tokenizer=pre.tokenizer, spec=spec, device=dev, dtype=torch_dtype, identity=identity)
     loaded.stop_ids = stop_token_ids(loaded)
     return loaded
+
+
+def _error_text(exc: BaseException) -> str:
+    """'Type: first line' of an exception from a library, for a one-line message."""
+    text = _first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -700,6 +700,7 @@ def p6(args: argparse.Namespace) -> None:
     same = total = 0
     worst = 0.0
     differing: list[str] = []
+    dumped: list[dict] = []
     seconds = {mode: Clock() for mode in engines}
     for item in items:
         gens = {}
@@ -714,6 +715,8 @@ def p6(args: argparse.Namespace) -> None:
                 same += 1
             else:
                 differing.append(f"{item.label} {key}")
+            dumped.append({"prompt": item.label, "plan": key, "sequential": list(a.token_ids),
+                           "batched": list(b.token_ids)})
             x, y = first_forward.get(("sequential", key)), first_forward.get(("batched", key))
             if x is not None and y is not None:
                 worst = max(worst, float((x - y).abs().max()))
@@ -722,6 +725,9 @@ def p6(args: argparse.Namespace) -> None:
               f"{seconds['batched']} (cumulative)", flush=True)
     for line in differing:
         print(f"   differs: {line}")
+    if args.dump:
+        args.dump.write_text("".join(json.dumps(row) + "\n" for row in dumped))
+        print(f"   wrote every prediction's token ids to {args.dump}")
     footer()
     print(f"P6 | identical predictions batched vs sequential: {same}/{total} ({100 * same / total:.1f}%) | largest "
           f"first-decode-step logit difference {worst:.2e} | batched / sequential time "
@@ -762,6 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="what the ratios use: this process's CPU time or wall time (auto: CPU time with one "
                              "torch thread, where it is the work itself and immune to other processes' load)")
+    parser.add_argument("--dump", type=Path, default=None, help="P6: write every prediction's token ids (jsonl)")
     parser.add_argument("--also-sequential", action="store_true",
                         help="P1: also time the sweep with plans decoded one after another (--decode sequential)")
     args = parser.parse_args(argv)

@@ -300,15 +300,15 @@ def test_package_presets_pass_the_same_checks():
 
 
 @pytest.mark.parametrize("body, message", [
-    ("presets:\n  mine: {method: snapkv, window_size: wide}\n", "preset 'mine': window_size: must be int, got 'wide'"),
-    ("presets:\n  mine: {method: snapkv, window_size: '32'}\n", "preset 'mine': window_size: must be int, got '32'"),
-    ("presets:\n  mine: {method: h2o, heavy_fraction: [1]}\n", "preset 'mine': heavy_fraction: must be float"),
+    ("presets:\n  mine: {method: snapkv, window_size: wide}\n", "preset 'mine', key 'window_size': expected an integer, got a string 'wide'"),
+    ("presets:\n  mine: {method: snapkv, window_size: '32'}\n", "preset 'mine', key 'window_size': expected an integer, got a string '32'"),
+    ("presets:\n  mine: {method: h2o, heavy_fraction: [1]}\n", "preset 'mine', key 'heavy_fraction': expected a number, got a list [1]"),
     ("presets:\n  mine: {method: snapkv, windw_size: 8}\n", "did you mean 'window_size'"),
-    ("presets:\n  mine: {method: snapkvv}\n", "preset 'mine': unknown method 'snapkvv' (did you mean 'snapkv'?)"),
-    ("presets:\n  mine: {window_size: 8}\n", "preset 'mine': 'method' must name a method"),
-    ("presets:\n  snapkv_official: {method: snapkv}\n", "has the name of a kvbench package preset"),
-    ("presets:\n  snapkv: {method: snapkv}\n", "has the name of a kvbench method"),
-    ("presets: [a, b]\n", "'presets' must be a mapping"),
+    ("presets:\n  mine: {method: snapkvv}\n", "preset 'mine': 'method' must name a registered method, got 'snapkvv' (did you mean 'snapkv'?)"),
+    ("presets:\n  mine: {window_size: 8}\n", "preset 'mine': 'method' must name a registered method, got None"),
+    ("presets:\n  snapkv_official: {method: snapkv}\n", "has the name of a kvbench package preset (snapkv_official)"),
+    ("presets:\n  snapkv: {method: snapkv}\n", "preset 'snapkv' has the name of a method (snapkv)"),
+    ("presets: [a, b]\n", "'presets:' must map preset names to settings, got a list"),
     ("presets:\n  mine: {method: snapkv, window_size: 8\n", "malformed YAML"),
 ])
 def test_bad_presets_file_names_file_preset_and_key(tmp_path, body, message):
@@ -324,5 +324,20 @@ def test_bad_presets_file_stops_the_cli_before_the_model(tmp_path, monkeypatch, 
     path.write_text("presets:\n  mine: {method: snapkv, pooling: 3}\n")
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["run", "--model", "nosuch-model-dir/x", "--presets", str(path)], monkeypatch, capsys)
-    assert code == 2 and err == f"kvbench: error: {path}: preset 'mine': pooling: must be str, got 3\n"
+    assert code == 2 and err == f"kvbench: error: {path}: preset 'mine', key 'pooling': expected a string, got an integer 3\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]
+
+
+def test_wrapper_preset_in_a_presets_file(tmp_path):
+    # Checking a wrapper preset builds its inner method, which may be a preset of the same user file: the
+    # check must neither re-enter itself nor miss the user's presets.
+    path = tmp_path / "mine.yaml"
+    path.write_text("presets:\n  ada_snap: {method: adakv, inner: snapkv}\n"
+                    "  snap_w16: {method: snapkv, window_size: 16}\n  ada_w16: {method: adakv, inner: snap_w16}\n")
+    choice = methods.build("ada_snap", user_presets=path)
+    assert (choice.label, choice.base, choice.method.inner_method.name) == ("ada_snap", "adakv", "snapkv")
+    inner = methods.build("ada_w16", user_presets=path).method.inner_method
+    assert (inner.name, inner.window_size) == ("snapkv", 16)
+    assert methods.build("snap_w16+kivi4", user_presets=path).method.inner_method.window_size == 16
+    with pytest.raises(InputError, match="unknown method 'snap_w16'"):
+        methods.build("adakv", {"inner": "snap_w16"})  # the user's presets only with the file

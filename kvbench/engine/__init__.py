@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from kvbench.engine import attention, rope  # noqa: F401  (public submodules)
 from kvbench.engine.cache import KeptLayer, RaggedCache
-from kvbench.engine.compress import Compressed, Plan, compress, full_layers
+from kvbench.engine.compress import GRANULARITIES, Compressed, Plan, compress, full_layers, gqa_group, storage_granularity
 from kvbench.engine.decode import DECODE_MODES, DecodeSettings, PlanDecode, decode_group
 from kvbench.engine.prefill import PrefillObserver, prefill
 from kvbench.errors import InputError
@@ -30,8 +30,8 @@ from kvbench.methods.base import Selection
 from kvbench.prompts import Prompt
 
 __all__ = [
-    "DECODE_MODES", "Engine", "Generation", "KeptLayer", "Plan", "PrefillObserver", "RaggedCache", "SampleRun",
-    "cache_layers", "gather_tokens", "make_cache", "sample_seed",
+    "DECODE_MODES", "GRANULARITIES", "Engine", "Generation", "KeptLayer", "Plan", "PrefillObserver", "RaggedCache",
+    "SampleRun", "cache_layers", "gather_tokens", "make_cache", "sample_seed", "storage_granularity",
 ]
 
 
@@ -41,7 +41,10 @@ class Generation:
     token_ids: list[int]
     text: str
     kept_per_layer: list[float]  # per layer, tokens a head keeps right after compression (mean over heads)
-    cache_bytes: int  # bytes of the K/V entries actually kept after compression (before decoding)
+    # Bytes of the K/V entries kept after compression (before decoding), as stored: with transforms after
+    # selection whose storage is simulated (zeroed channels, fake quantization) the packed layout's bytes
+    # (methods-2.md §1.8, kvbench.methods.storage), never the masked buffers'.
+    cache_bytes: int
     cache_bytes_allocated: int  # bytes of this plan's decode buffers: padding of shorter heads and room reserved
     full_cache_bytes: int
     decode_seconds: float  # compression + this plan's share of the decode forwards it took part in
@@ -51,6 +54,9 @@ class Generation:
     # Per layer, the prompt positions kept right after compression; None when nothing was selected (FullKV).
     # Continuous methods may evict more while decoding; this is the prefill selection.
     kept_indices: list[Selection] | None = None
+    kept_entries: int = 0  # (layer, KV head, token) entries kept after compression, padding excluded
+    storage: str = "physical"  # "simulated" when cache_bytes comes from the formula, not the buffers
+    stages: list[tuple[str, int]] | None = None  # transforms after selection: (stage, bytes after it)
 
 
 @dataclass
@@ -121,7 +127,9 @@ class Engine:
         ids = torch.tensor([prompt.ids], device=device)
         n_prompt = ids.shape[1]
         split = n_prompt if scope == "full" else max(1, min(prompt.question_start, n_prompt))
-        observer = PrefillObserver([p.method for p in plans], self.n_layers, chunked=0 < self.prefill_chunk < split)
+        observer = PrefillObserver([p.method for p in plans], self.n_layers, chunked=0 < self.prefill_chunk < split,
+                                   model=self.model,  # [methods1] model: LayerView.rope
+                                   granularities=[p.granularity for p in plans])
         start = time.perf_counter()
         cache, out = prefill(self.model, ids[:, :split], observer, self.prefill_chunk)
         self._sync()
@@ -142,16 +150,16 @@ class Engine:
                 compressed = compress(self.model, plans[index], full, observer.scores, seed)
                 decodes.append(PlanDecode(plans[index], compressed, n_seen=split,
                                           seconds=time.perf_counter() - begin))
-            kept = [(d.compressed.kept_per_layer, d.compressed.valid_bytes, d.compressed.selections) for d in decodes]
+            kept = [(d.compressed.kept_per_layer, d.compressed.stored_bytes, d.compressed.selections) for d in decodes]
             decode_group(self.model, decodes, list(prompt.ids), question, first_logits, settings, reserve)
             self._sync()
-            for index, done, (per_layer, valid, selections) in zip(group, decodes, kept):
+            for index, done, (per_layer, stored, selections) in zip(group, decodes, kept):
                 results[index] = Generation(
                     plan=done.plan,
                     token_ids=done.generated,
                     text=self.tokenizer.decode(done.generated, skip_special_tokens=True),
                     kept_per_layer=per_layer,
-                    cache_bytes=valid,
+                    cache_bytes=stored,
                     cache_bytes_allocated=done.allocated_bytes,
                     full_cache_bytes=full_bytes,
                     decode_seconds=done.seconds,
@@ -159,6 +167,9 @@ class Engine:
                     final_cache_tokens=done.final_cache_tokens,
                     decode=self.decode,
                     kept_indices=selections,
+                    kept_entries=done.compressed.kept_entries,
+                    storage="simulated" if done.compressed.simulated else "physical",
+                    stages=done.compressed.stages or None,
                 )
         run.generations = [results[i] for i in range(len(plans))]
         if device.type == "cuda":
@@ -168,19 +179,24 @@ class Engine:
     def _groups(self, plans: list[Plan], n_tokens: int, full_bytes: int, reserve: int) -> list[list[int]]:
         """Plan indices grouped for decoding. Sequential: one plan per group, in order. Batched: plans sorted by
         the share of the prompt they keep, cut into groups of at most `max_batch` whose padded caches stay
-        within the memory bound (a group of one is always allowed)."""
+        within the memory bound (a group of one is always allowed). A group's plans store the same heads
+        (kv_head and query_head plans never share a cache); shares count KV-head token slots, so a
+        query_head plan weighs g times its kept tokens."""
         if self.decode == "sequential":
             return [[i] for i in range(len(plans))]
-        share = [min(n_tokens, p.budget.kept(n_tokens)) if p.method.name != "fullkv" else n_tokens for p in plans]
+        group = gqa_group(self.model)
+        heads = [group if p.granularity == "query_head" else 1 for p in plans]
+        share = [(min(n_tokens, p.budget.kept(n_tokens)) if p.method.uses_budget else n_tokens) * heads[i]
+                 for i, p in enumerate(plans)]
         limit_tokens = self.group_memory * n_tokens
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             per_token = full_bytes / max(1, n_tokens)
             limit_tokens = min(limit_tokens, 0.5 * free / per_token)
         groups: list[list[int]] = []
-        for i in sorted(range(len(plans)), key=lambda i: (share[i], i)):
-            if groups:
-                widest = max(share[j] for j in groups[-1] + [i]) + reserve
+        for i in sorted(range(len(plans)), key=lambda i: (heads[i], share[i], i)):
+            if groups and heads[groups[-1][0]] == heads[i]:
+                widest = max(share[j] for j in groups[-1] + [i]) + reserve * heads[i]
                 if len(groups[-1]) < self.max_batch and (len(groups[-1]) + 1) * widest <= limit_tokens:
                     groups[-1].append(i)
                     continue

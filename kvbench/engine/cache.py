@@ -42,9 +42,15 @@ class KeptLayer:
         return cls(keys, values, torch.full((heads,), length, dtype=torch.long))
 
     @classmethod
-    def gather(cls, keys: torch.Tensor, values: torch.Tensor, selection: Selection) -> "KeptLayer":
-        """keys/values [H, T, d] of the full prompt -> the selected entries (padding gathers position 0)."""
-        index = selection.indices.to(keys.device)[:, :, None].expand(-1, -1, keys.shape[-1])
+    def gather(cls, keys: torch.Tensor, values: torch.Tensor, selection: Selection, head_repeat: int = 1) -> "KeptLayer":
+        """keys/values [H, T, d] of the full prompt -> the selected entries (padding gathers position 0).
+        With head_repeat = g the selection has H * g rows (one per query head) and row h reads head h // g,
+        without materialising the repeated prompt."""
+        indices = selection.indices.to(keys.device)
+        if head_repeat > 1:
+            heads = torch.arange(indices.shape[0], device=keys.device)[:, None] // head_repeat
+            return cls(keys[heads, indices], values[heads, indices], selection.lengths.to("cpu"))
+        index = indices[:, :, None].expand(-1, -1, keys.shape[-1])
         return cls(torch.gather(keys, 1, index), torch.gather(values, 1, index), selection.lengths.to("cpu"))
 
     @property

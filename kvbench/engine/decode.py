@@ -23,8 +23,8 @@ import torch
 
 from kvbench.engine import attention, rope
 from kvbench.engine.cache import RaggedCache
-from kvbench.engine.compress import Compressed, Plan
-from kvbench.methods.base import LayerDecoder, Selection
+from kvbench.engine.compress import Compressed, Plan, gqa_group
+from kvbench.methods.base import DecodeStep, LayerDecoder, Selection
 
 DECODE_MODES = ("batched", "sequential")
 
@@ -52,8 +52,9 @@ class DecodeObserver:
     evicts from the cache. `slots[row]` holds the decoders of the plan in that row of the cache."""
 
     def __init__(self, cache: RaggedCache, slots: list[dict[int, LayerDecoder]],
-                 rerotators: list[rope.Rerotator | None]):
+                 rerotators: list[rope.Rerotator | None], model: Any = None):
         self.cache, self.slots, self.rerotators = cache, slots, rerotators
+        self.rope = None if model is None else (lambda: rope.for_model(model))  # for decoders that re-rotate
 
     def keep_rows(self, rows: list[int]) -> None:
         self.slots = [self.slots[i] for i in rows]
@@ -74,15 +75,9 @@ class DecodeObserver:
             length = int(lengths[0])
             if not bool((lengths == length).all()):
                 raise RuntimeError("continuous eviction needs one cache length per layer")
-            q = query[row].float()
             keys = key[row, :, :length]
-            group = q.shape[0] // keys.shape[0]
-            logits = torch.matmul(q, keys.float().repeat_interleave(group, dim=0).transpose(1, 2)) * float(module.scaling)
-            q_len = q.shape[1]
-            if q_len > 1:
-                causal = torch.ones(q_len, length, dtype=torch.bool, device=q.device).tril(length - q_len)
-                logits = logits.masked_fill(~causal, float("-inf"))
-            keep = decoder.step(torch.softmax(logits, dim=-1), keys)
+            step = DecodeStep(query[row], keys, value[row, :, :length], float(module.scaling), self.rope)
+            keep = decoder.on_step(step)
             if keep is None:
                 continue
             selection = Selection.of(keep)
@@ -147,13 +142,18 @@ def decode_group(model: Any, runs: list[PlanDecode], prompt_ids: list[int], ques
     `question` (ids [1, q] fed through the compressed caches first: --scope context) and `first_logits` (the
     prefill's next-token logits: --scope full) is given. Fills each run's generated ids and bookkeeping."""
     device = settings.device
-    cache = RaggedCache([run.compressed.layers for run in runs], reserve=reserve)
+    query_heads = {run.plan.granularity == "query_head" for run in runs}
+    if len(query_heads) > 1:
+        raise ValueError("a decode group mixes kv_head and query_head plans")
+    # A query_head cache stores H_q heads: every new token's K/V arrive with H_kv heads and are repeated.
+    repeat = gqa_group(model) if query_heads.pop() else 1
+    cache = RaggedCache([run.compressed.layers for run in runs], reserve=reserve, head_repeat=repeat)
     for row, run in enumerate(runs):
         run.allocated_bytes = cache.allocated_bytes(row)
         run.max_cache = cache.max_length(row)
         run.compressed.layers = []  # the cache holds its own copy now
     rerotators = [rope.for_model(model) if run.contiguous and run.compressed.decoders else None for run in runs]
-    observer = DecodeObserver(cache, [run.compressed.decoders for run in runs], rerotators)
+    observer = DecodeObserver(cache, [run.compressed.decoders for run in runs], rerotators, model)
     active = list(range(len(runs)))
 
     def position(row: int, run: PlanDecode) -> int:
@@ -166,6 +166,12 @@ def decode_group(model: Any, runs: list[PlanDecode], prompt_ids: list[int], ques
         with attention.decoding(cache), attention.observing(observer if observer.active else None):
             logits = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                            logits_to_keep=1).logits[:, -1]
+        for row, index in enumerate(active):  # transforms that keep working while decoding (KIVI)
+            lifecycle = runs[index].compressed.lifecycle
+            if lifecycle is not None:
+                for number, layer in enumerate(cache.layers):
+                    keys, values, lengths = layer.plan_entries(row)
+                    lifecycle.after_forward(number, keys, values, lengths)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         share = (time.perf_counter() - start) / len(active)

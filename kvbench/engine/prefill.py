@@ -15,6 +15,10 @@ is the full prompt's. Scorers still see what they need:
 - a method that needs every query itself (`prefill_needs` holds "all_queries") is refused with chunking.
 A chunked prefill computes the same attention in a different order, so its activations equal the unchunked
 ones only up to rounding: the chunk size is part of the protocol fingerprint.
+
+Scorers of query_head plans (methods-2 §1.6) see a view whose keys and values are repeated to H_q heads:
+every scorer then returns per-query-head scores (its group reduction runs over groups of one), without a
+line of method code knowing about granularity.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from kvbench.engine import attention
+from kvbench.engine import attention, rope
+from kvbench.engine.compress import score_key
 from kvbench.errors import InputError
 from kvbench.methods.base import LayerView, Method
 
@@ -32,13 +37,20 @@ from kvbench.methods.base import LayerView, Method
 class PrefillObserver:
     """Computes every requested scorer once per layer during the prefill."""
 
-    def __init__(self, methods: list[Method], n_layers: int, chunked: bool = False):
+    def __init__(self, methods: list[Method], n_layers: int, chunked: bool = False, model: Any = None,
+                 granularities: list[str] | None = None):
         self.n_layers = n_layers
+        # [methods1] LayerView.module / .rope (CriticalKV's o_proj, Expected Attention's RoPE): the model's rotary
+        # embedding is looked up only when a method asks
+        self.rope = None if model is None else (lambda: rope.for_model(model))
         self.scorers: dict[tuple, Method] = {}
-        for method in methods:
-            key = method.scorer_key()
+        self.query_head: set[tuple] = set()  # keys of the scorers that see the query-head view
+        for method, granularity in zip(methods, granularities or ["kv_head"] * len(methods)):
+            key = score_key(method, granularity)
             if key is not None:
                 self.scorers.setdefault(key, method)
+                if granularity == "query_head":
+                    self.query_head.add(key)
         self.max_window = max((m.window() for m in methods), default=0)
         self.scores: dict[tuple, dict[int, torch.Tensor | None]] = {key: {} for key in self.scorers}
         needs = set().union(*(m.prefill_needs() for m in self.scorers.values())) if self.scorers else set()
@@ -70,6 +82,7 @@ class PrefillObserver:
             scaling=float(module.scaling),
             max_window=self.max_window,
             lse=lse[0] if lse is not None else None,
+            module=module, rope=self.rope,  # [methods1]
         )
         if not self.chunked:
             self._score(layer, view)
@@ -89,6 +102,7 @@ class PrefillObserver:
             scaling=float(module.scaling),
             max_window=self.max_window,
             partial_queries=True,
+            module=module, rope=self.rope,  # [methods1]
         )
         if sums is not None:
             view.seed_column_sums(sums)
@@ -107,8 +121,26 @@ class PrefillObserver:
         return sums
 
     def _score(self, layer: int, view: LayerView) -> None:
-        for scorer_key, method in self.scorers.items():
-            self.scores[scorer_key][layer] = method.score(view)
+        repeated = None
+        for key, method in self.scorers.items():
+            if key in self.query_head and view.group > 1:
+                if repeated is None:
+                    repeated = query_head_view(view)
+                self.scores[key][layer] = method.score(repeated)
+            else:
+                self.scores[key][layer] = method.score(view)
+
+
+def query_head_view(view: LayerView) -> LayerView:
+    """The same layer with its keys and values repeated to one head per query head (h reads KV head h // g)."""
+    g = view.group
+    out = LayerView(layer=view.layer, n_layers=view.n_layers, query=view.query,
+                    keys=view.keys.repeat_interleave(g, dim=0), values=view.values.repeat_interleave(g, dim=0),
+                    scaling=view.scaling, max_window=view.max_window, partial_queries=view.partial_queries,
+                    lse=view.lse)
+    if "colsum" in view._cache:  # accumulated over a chunked prefill: per query head already
+        out.seed_column_sums(view._cache["colsum"])
+    return out
 
 
 def prefill(model: Any, ids: torch.Tensor, observer: PrefillObserver, chunk: int = 0) -> tuple[DynamicCache, Any]:

@@ -4,6 +4,7 @@ Methods from outside kvbench: `register_method`, `package.module:Class`, entry p
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,21 @@ METHODS.register("h2o_prefill", H2OPrefill)
 METHODS.register("random", RandomKeep)
 METHODS.register("knorm", KNorm, aliases=("l2norm",))
 # --- end prefill-once methods ---
+# --- 2024-2025 prefill-once methods, same kept count in every head (issue #14, methods-2.md) ---
+from kvbench.methods.keydiff import KeyDiff  # noqa: E402
+from kvbench.methods.block_keydiff import BlockKeyDiff  # noqa: E402
+from kvbench.methods.expected_attention import ExpectedAttention  # noqa: E402
+from kvbench.methods.lagkv import LagKV  # noqa: E402
+from kvbench.methods.observed_attention import ObservedAttention  # noqa: E402
+from kvbench.methods.criticalkv import CriticalKV  # noqa: E402
+
+METHODS.register("keydiff", KeyDiff)
+METHODS.register("block_keydiff", BlockKeyDiff)
+METHODS.register("expected_attention", ExpectedAttention)
+METHODS.register("lagkv", LagKV)
+METHODS.register("observed_attention", ObservedAttention)
+METHODS.register("criticalkv", CriticalKV)
+# --- end 2024-2025 prefill-once methods ---
 # --- continuous methods (one registry line each) ---
 from kvbench.methods.h2o import H2O  # noqa: E402
 from kvbench.methods.tova import TOVA  # noqa: E402
@@ -51,6 +67,27 @@ METHODS.register("streamingllm", StreamingLLM, aliases=("streaming_llm", "slm"))
 METHODS.register("sliding", Sliding, aliases=("local", "sliding_window"))
 METHODS.register("sink_recent", SinkRecent, aliases=("sink+recent",))
 # --- end continuous methods ---
+# --- transforms after selection and decoding-time wrappers (issue #14, methods-2.md §2.17, §2.18, §2.22) ---
+from kvbench.methods import compose  # noqa: E402
+from kvbench.methods.wrapper import Wrapper  # noqa: E402
+from kvbench.methods.think import ThinK  # noqa: E402
+from kvbench.methods.kivi import KIVI2, KIVI4  # noqa: E402
+from kvbench.methods.decoding import Decoding  # noqa: E402
+
+METHODS.register("think", ThinK)
+METHODS.register("kivi2", KIVI2)
+METHODS.register("kivi4", KIVI4)
+METHODS.register("decoding", Decoding)
+# --- end transforms and decoding-time wrappers ---
+# --- head-adaptive methods: heads of a layer keep different numbers of tokens (methods-2 §2.13-2.21) ---
+from kvbench.methods.adakv import AdaKV  # noqa: E402
+from kvbench.methods.headkv import HeadKV  # noqa: E402
+from kvbench.methods.duo_attention import DuoAttention  # noqa: E402
+
+METHODS.register("adakv", AdaKV, aliases=("ada_kv",))
+METHODS.register("headkv", HeadKV)
+METHODS.register("duo_attention", DuoAttention, aliases=("duoattention",))
+# --- end head-adaptive methods ---
 
 
 @dataclass(frozen=True)
@@ -107,17 +144,49 @@ def method_class(name: str) -> tuple[str, type[Method]]:
     return key, _named(cls, key)
 
 
+_CHECKING: set[str] = set()  # preset files being checked right now
+# The user's presets file of the build in progress: a wrapper builds its inner method by name (Wrapper.
+# __post_init__, compose.build_wrapper), and that name may be one of the user's presets.
+_USER_PRESETS: contextvars.ContextVar[Path | None] = contextvars.ContextVar("user_presets", default=None)
+
+
+def _load(path: Path, reserved: Any, user: Path | None = None) -> dict[str, presets_mod.Preset]:
+    """One presets file, checked. Checking a wrapper preset builds its inner method, which may itself be a
+    preset of this file: that entry is checked in its own turn, so the table is served as it stands instead of
+    re-entering the check."""
+    data = resources.load_yaml(path)
+    if str(path) in _CHECKING:
+        return presets_mod.unchecked(data, path)
+    top = resources.package_path().parent  # the package's own file reads kvbench/configs/methods.yaml
+    shown = path.relative_to(top) if path.is_relative_to(top) else path
+    _CHECKING.add(str(path))
+    token = _USER_PRESETS.set(user)  # the package's presets never name the user's; the user's may name their own
+    try:
+        return presets_mod.check(data, path, str(shown), lambda m: method_class(m)[1], reserved,
+                                 lambda: METHODS.names() + sorted(plugins.entry_points()))
+    finally:
+        _USER_PRESETS.reset(token)
+        _CHECKING.discard(str(path))
+
+
+def _method_named(key: str) -> str | None:
+    return f"a method ({METHODS.canonical(key)})" if key in METHODS else None
+
+
 def presets(user: Path | None = None) -> dict[str, presets_mod.Preset]:
     """The package's presets, then the user's (--presets FILE), each checked."""
-    table = presets_mod.load(resources.config_path("methods.yaml"), lambda m: method_class(m)[1])
+    table = _load(resources.config_path("methods.yaml"), _method_named)
     if user is None:
         return table
-    mine = presets_mod.load(user, lambda m: method_class(m)[1])
-    for key in mine:
-        if key in table or key in METHODS:
-            kind = "package preset" if key in table else "method"
-            raise InputError(f"{user}: preset '{key}' has the name of a kvbench {kind}; give it another name")
+    mine = _load(user, lambda key: _method_named(key) or (f"a kvbench package preset ({key})" if key in table else None),
+                 user)
     return {**table, **mine}
+
+
+def check_presets(data: dict[str, Any], source: str) -> dict[str, presets_mod.Preset]:
+    """The `presets:` table of a methods YAML (already parsed), every entry checked (see presets.check)."""
+    return presets_mod.check(data, Path(source), source, lambda m: method_class(m)[1], _method_named,
+                             METHODS.names)
 
 
 def all_names(user_presets: Path | None = None) -> list[str]:
@@ -125,19 +194,48 @@ def all_names(user_presets: Path | None = None) -> list[str]:
     return names + [p for p in presets(user_presets) if p not in names]
 
 
+def _coerce(value: Any, current: Any, key: str, method: str) -> Any:
+    """A --method-arg value (a string, or a typed value from the Python API) as the type of `current`."""
+    try:
+        return presets_mod.typed_value(value, current, parse=True)
+    except ValueError as exc:
+        raise InputError(f"{{method_args}} {key}={value}: {method}.{key} expects {exc}",
+                         options=("method_args",)) from None
+
+
+def _resolve(key: str) -> tuple[type[Method], dict[str, Any]]:
+    """(class, preset parameters) of a method, preset, package.module:Class or entry-point name."""
+    table = presets(_USER_PRESETS.get())
+    if key in table:
+        preset = table[key]
+        return method_class(preset.method)[1], dict(preset.params)
+    return method_class(key)[1], {}
+
+
 def build(spec: str | Method, overrides: Mapping[str, Any] | None = None,
           user_presets: Path | None = None) -> MethodChoice:
-    """A method instance from a registry name, a preset, a package.module:Class reference, an entry point, or
-    a Method instance, with hyper-parameter overrides applied (strings are parsed: --method-arg). Overrides
-    that do not apply to this method are an error (the caller filters per method when several are run)."""
-    overrides = overrides or {}
+    """A method instance from a registry name, a preset, a composition (`snapkv+kivi4`), a package.module:Class
+    reference, an entry point, or a Method instance, with hyper-parameter overrides applied (strings are
+    parsed: --method-arg). Overrides that do not apply to this method are an error (the caller filters per
+    method when several are run)."""
+    token = _USER_PRESETS.set(user_presets or _USER_PRESETS.get())
+    try:
+        return _build(spec, dict(overrides or {}))
+    finally:
+        _USER_PRESETS.reset(token)
+
+
+def _build(spec: str | Method, overrides: dict[str, Any]) -> MethodChoice:
     if isinstance(spec, Method):
         reference = f"{type(spec).__module__}:{type(spec).__qualname__}"
         cls = _named(plugins.checked_class(type(spec), reference), reference)
         label, params, instance = cls.name, {}, spec
     else:
-        table = presets(user_presets)
+        table = presets(_USER_PRESETS.get())
         label = spec.strip() if plugins.is_reference(spec) else spec.strip().lower()
+        if "+" in label and label not in METHODS and label not in table and not plugins.is_reference(label):
+            base_name, composed = compose.build_composition(label, overrides, _resolve)  # kvbench.methods.compose
+            return MethodChoice(label=label, base=base_name, method=composed)
         if label in table:
             preset = table[label]
             _, cls = method_class(preset.method)
@@ -145,17 +243,16 @@ def build(spec: str | Method, overrides: Mapping[str, Any] | None = None,
         else:
             label, cls = method_class(spec)
             params = {}
+        if issubclass(cls, Wrapper):
+            return MethodChoice(label=label, base=cls.name,
+                                method=compose.build_wrapper(cls, label, params, overrides))
         instance = None
     fields = presets_mod.defaults(cls)
     for key, value in overrides.items():
         if key not in fields:
             raise InputError(f"{{method_args}} {key}: {presets_mod.unknown_parameter(cls, key)}",
                              options=("method_args",))
-        try:
-            params[key] = presets_mod.typed_value(value, fields[key], parse=True)
-        except ValueError as exc:
-            raise InputError(f"{{method_args}} {key}={value}: {cls.name}.{key} expects {exc}",
-                             options=("method_args",)) from None
+        params[key] = _coerce(value, fields[key], key, cls.name)
     try:
         method = dataclasses.replace(instance, **params) if instance is not None else cls(**params)
     except TypeError as exc:

@@ -67,6 +67,8 @@ class H2ODecoder(LayerDecoder):
 @dataclass
 class H2O(Method):
     name: ClassVar[str] = "h2o"
+    family: ClassVar[str] = "accumulated attention"
+    query_aware: ClassVar[bool] = True
     source: ClassVar[str] = (
         "Zhang et al. 2023 (arXiv 2306.14048); FMInference/H2O@ac75c2a h2o_hf/utils_real_drop H2OKVCache_LayerWise"
     )

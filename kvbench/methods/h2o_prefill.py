@@ -18,6 +18,7 @@ import torch
 
 from kvbench.errors import InputError
 from kvbench.methods.base import (
+    HeadRanking,
     LayerView,
     Method,
     SelectContext,
@@ -33,6 +34,9 @@ from kvbench.methods.snapkv import checked_scores, keep_last
 @dataclass
 class H2OPrefill(Method):
     name = "h2o_prefill"
+    family = "accumulated attention"
+    query_aware = True
+    ranked = True
     source = (
         "Zhang et al. 2023, H2O, arXiv 2306.14048; prefill-once as KVCache-Factory H2OKVCluster (w=8, no pooling) "
         "with its causal-mask fix (commit 9f9aa2e)"
@@ -66,3 +70,6 @@ class H2OPrefill(Method):
             return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
         scores = checked_scores(ctx, self.name)
         return with_window(topk_sorted(scores, selected), ctx.n_tokens, w)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking:
+        return HeadRanking.with_window(checked_scores(ctx, self.name), ctx.n_tokens, ctx.kept)

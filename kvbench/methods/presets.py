@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbench import resources
 from kvbench.errors import InputError
 from kvbench.methods.base import Method
 
@@ -84,41 +83,83 @@ def unknown_parameter(cls: type[Method], key: str) -> str:
     return f"{cls.name or cls.__name__} has no parameter '{key}'{did_you_mean(key, fields)}; it has {', '.join(fields)}"
 
 
-def check_params(cls: type[Method], params: Mapping[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
-    """Typed copies of a preset's `params` for `cls`; `where(key)` names the file, the preset and the key."""
-    fields = defaults(cls)
-    out = {}
-    for key, value in params.items():
-        if key not in fields:
-            raise InputError(f"{where(key)}: {unknown_parameter(cls, key)}")
-        try:
-            out[key] = typed_value(value, fields[key], parse=False)
-        except ValueError as exc:
-            raise InputError(f"{where(key)}: must be {exc}, got {value!r}") from None
-    return out
+def unchecked(data: Mapping[str, Any], path: Path) -> dict[str, Preset]:
+    """The table as it stands, for a file whose check is in progress (methods.presets' re-entrancy guard)."""
+    table = data.get("presets") or {}
+    return {str(k).strip().lower(): Preset(str(k).strip().lower(), str(v.get("method")), _plain(v), path)
+            for k, v in (table.items() if isinstance(table, dict) else ()) if isinstance(v, dict)}
 
 
-def load(path: Path, resolve: Callable[[str], type[Method]]) -> dict[str, Preset]:
-    """The presets of one file, every one checked (`resolve` turns a method name into its class)."""
-    data = resources.load_yaml(path)
+def _plain(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items() if k != "method"}
+
+
+def check(data: Mapping[str, Any], path: Path, source: str, resolve: Callable[[str], type[Method]],
+          reserved: Callable[[str], str | None], known: Callable[[], list[str]]) -> dict[str, Preset]:
+    """The `presets:` table of a methods YAML (already parsed), every entry checked before any is used: a
+    mapping of new names (`reserved(name)` says what a taken name is) to a known `method` (`resolve` gives its
+    class) plus fields of that method, each of the field's type and accepted by the method. Errors name the
+    file (`source`), the preset and the key."""
+    from kvbench.registry import did_you_mean
+
     table = data.get("presets")
     if table is None:
         return {}
     if not isinstance(table, dict):
-        raise InputError(f"{path}: 'presets' must be a mapping of preset name -> settings")
-    out = {}
+        raise InputError(f"{source}: 'presets:' must map preset names to settings, got {_kind(table)}")
+    out: dict[str, Preset] = {}
     for name, entry in table.items():
-        key = str(name).strip().lower()
+        key, where = str(name).strip().lower(), f"{source}: preset '{name}'"
+        taken = reserved(key)
+        if taken:
+            raise InputError(f"{where} has the name of {taken}; give the preset another name")
+        if key in out:
+            raise InputError(f"{where} is defined twice (names are not case-sensitive)")
         if not isinstance(entry, dict):
-            raise InputError(f"{path}: preset '{name}': expected a mapping with 'method' and parameters")
-        params = dict(entry)
-        base = params.pop("method", None)
-        if not isinstance(base, str) or not base.strip():
-            raise InputError(f"{path}: preset '{name}': 'method' must name a method")
+            raise InputError(f"{where} must be a mapping ({{method: NAME, field: value, ...}}), got {_kind(entry)}")
+        base = entry.get("method")
         try:
-            cls = resolve(base)
-        except InputError as exc:
-            raise InputError(f"{path}: preset '{name}': {exc}") from None
-        typed = check_params(cls, params, lambda k: f"{path}: preset '{name}': {k}")
-        out[key] = Preset(key, base, typed, path)
+            cls = resolve(base) if isinstance(base, str) and base.strip() else None
+        except InputError:
+            cls = None
+        if cls is None:
+            names = known()
+            raise InputError(f"{where}: 'method' must name a registered method, got {base!r}"
+                             f"{did_you_mean(str(base), names)}; known: {', '.join(names)}")
+        fields = defaults(cls)
+        params = _plain(entry)
+        for pkey, value in entry.items():
+            if pkey == "method":
+                continue
+            if pkey not in fields:
+                raise InputError(f"{where}: {cls.name} has no parameter '{pkey}'{did_you_mean(str(pkey), list(fields))}")
+            expected = _expected(fields[pkey])
+            if expected is not None and not expected[1](value):
+                raise InputError(f"{where}, key '{pkey}': expected {expected[0]}, got {_kind(value)} {value!r}")
+        try:
+            cls(**params)  # the method's own checks (__post_init__): a wrapper builds its inner method here
+        except (InputError, TypeError, ValueError) as exc:
+            raise InputError(f"{where}: {exc}") from None
+        out[key] = Preset(key, base.strip(), params, path)  # type: ignore[union-attr]
     return out
+
+
+def _expected(default: Any) -> tuple[str, Any] | None:
+    """(description, test) of the values a field with this default takes; None: not checked."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, tuple):
+        return "a list of integers", lambda v: isinstance(v, (list, tuple)) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v)
+    return None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)

@@ -85,6 +85,8 @@ class ScissorhandsDecoder(LayerDecoder):
 @dataclass
 class Scissorhands(Method):
     name: ClassVar[str] = "scissorhands"
+    family: ClassVar[str] = "accumulated attention"
+    query_aware: ClassVar[bool] = True
     source: ClassVar[str] = "Liu et al. 2023 (arXiv 2305.17118), recalled algorithm; w_h, r, m, threshold are ours"
     continuous: ClassVar[bool] = True
     gqa_reduce: str = "sum"
