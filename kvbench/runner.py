@@ -104,7 +104,7 @@ def budgets(opts: RunOptions) -> list[Budget]:
         # repeated value is more often a typo for another one than a wish to run it twice.
         if any(b.label == budget.label for b in out):
             value = f"{budget.ratio:g}" if budget.ratio is not None else str(budget.tokens)
-            raise InputError(f"{{{option}}} lists {value} twice; give each value once", options=(option,))
+            raise InputError(f"{{{option}}} lists {value} twice; give each {option[:-1]} once", options=(option,))
         out.append(budget)
     return out
 
