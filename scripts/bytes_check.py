@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kvbench import methods as registry, models, runner
+from kvbench import api, methods as registry, models
 from kvbench.headtables import HeadTable
 from kvbench.methods.base import Budget
 from kvbench.methods.duo_attention import streaming_count
@@ -89,11 +89,10 @@ def main() -> int:
     identity = models.model_identity(spec)
     failures = 0
     for granularity in args.granularity.split(","):
-        opts = runner.RunOptions(model=args.model, method=args.methods, ratios=runner.parse_ratios(args.ratio),
-                                 tasks=args.tasks, data="local", data_dir=args.data_dir, limit=args.limit,
-                                 results=args.results / granularity, device="cpu", max_length=args.max_length,
-                                 granularity=granularity)
-        runner.run(opts, log=lambda line: print(line, file=sys.stderr))
+        api.run(args.model, args.methods.split(","), ratios=[float(r) for r in args.ratio.split(",")],
+                tasks=args.tasks.split(","), data="local", data_dir=args.data_dir, limit=args.limit,
+                results=args.results / granularity, device="cpu", max_length=args.max_length,
+                granularity=granularity, log=lambda line: print(line, file=sys.stderr))
         rows = store.load_all_rows(args.results / granularity)
         print(f"\n{granularity}: {'method':24s} {'T':>5s} {'cache_bytes':>12s} {'predicted':>12s} {'error':>8s} "
               f"{'of FullKV':>9s}")

@@ -121,7 +121,7 @@ def test_retention_and_overlap_tables():
     assert "FullKV" not in text.split("\n\n")[0]
     assert "| 10% | SnapKV | 30.00 | 30.00 | 30.00 |" in text.splitlines()
     assert "**" not in text
-    with pytest.raises(InputError, match="--metric"):
+    with pytest.raises(InputError, match="metric="):
         build_table(make_rows(), metric="nope")
     no_fields = [{k: v for k, v in r.items() if not k.startswith(("evidence", "layer"))} for r in make_rows()]
     with pytest.raises(InputError, match="no row has a value"):

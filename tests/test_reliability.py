@@ -294,7 +294,7 @@ def test_file_lock_refuses_waits_and_dies_with_its_process(tmp_path):
     target = tmp_path / "r.jsonl"
     holder = store.FileLock(target)
     holder.acquire()
-    with pytest.raises(store.LockedError, match=f"process {os.getpid()} on {socket.gethostname()}; use --wait"):
+    with pytest.raises(store.LockedError, match=f"process {os.getpid()} on {socket.gethostname()}.*use wait= to wait"):
         store.FileLock(target).acquire()
     with pytest.raises(store.LockedError):
         store.FileLock(target).check()  # the early check creates nothing and refuses the same way

@@ -202,7 +202,7 @@ def test_render_dispatch():
     table = build_table(make_rows())
     assert render(table, "md") == render_markdown(table)
     assert render(table, "latex") == render_latex(table)
-    with pytest.raises(InputError, match="--format"):
+    with pytest.raises(InputError, match="format="):
         render(table, "html")
 
 

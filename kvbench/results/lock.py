@@ -102,7 +102,8 @@ class FileLock:
             time.sleep(0.05)
 
     def _locked(self) -> LockedError:
-        return LockedError(f"{self.target} is being written by {self.holder()}; use --wait to wait for it")
+        return LockedError(f"{self.target} is being written by {self.holder()}; use {{wait}} to wait for it",
+                           options=("wait",))
 
 
 def _alive(pid: int) -> bool:

@@ -110,7 +110,7 @@ def stored_model_name(rows: Sequence[dict[str, Any]], text: str) -> str:
 def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = None, model: str | None = None,
                 specs: dict[str, TaskSpec] | None = None, metric: str = "score") -> Table:
     if metric not in METRICS:
-        raise InputError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
+        raise InputError(f"{{metric}} must be one of {', '.join(METRICS)}, got '{metric}'", options=("metric",))
     field_name = METRICS[metric]
     specs = specs or load_task_specs()
     if model is not None:
@@ -121,7 +121,8 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         raise InputError("no result rows found")
     models_seen = sorted({r.get("model", "?") for r in rows})
     if len(models_seen) > 1:
-        raise InputError(f"results hold several models ({', '.join(models_seen)}); pick one with --model")
+        raise InputError(f"results hold several models ({', '.join(models_seen)}); pick one with {{model}}",
+                         options=("model",))
     present = sorted({r["task"] for r in rows}, key=lambda t: list(specs).index(t) if t in specs else 10**6)
     if tasks:
         missing = [t for t in tasks if t not in present]
@@ -147,8 +148,8 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         )
     omitted = [t for t in present if not any(t in c for c in cells.values())]
     if omitted and len(omitted) == len(present):
-        raise InputError(f"no row has a value of '{field_name}' (--metric {metric}): no task with known evidence, "
-                         "only FullKV rows, or results written before kvbench recorded it")
+        raise InputError(f"no row has a value of '{field_name}' ({{metric}} {metric}): no task with known evidence, "
+                         "only FullKV rows, or results written before kvbench recorded it", options=("metric",))
     present = [t for t in present if t not in omitted]
     lengths: dict[str, dict[str, float]] = defaultdict(dict)  # task -> sample id -> LongBench length
     for row in rows:
@@ -180,7 +181,7 @@ def add_ci(table: Table, n_resamples: int = stats.N_RESAMPLES, seed: int = 0) ->
     """Paired statistics of every cell against FullKV's cell of the same task, on the intersection of their
     sample ids; the Avg column's by a bootstrap stratified over tasks (rows having every task only)."""
     if table.metric != "score":
-        raise InputError("--ci applies to --metric score only")
+        raise InputError("{ci} applies to {metric} score only", options=("ci", "metric"))
     reference = _reference(table)
     ref_cells = dict(dict(table.blocks)[reference[0]])[reference[1]]
     table.reference = reference
@@ -215,7 +216,8 @@ def _reference(table: Table) -> tuple[str, str]:
             return (budget, "fullkv")
         if len(names) == 1:
             return (budget, names[0])
-    raise InputError("--ci needs FullKV rows (run --method fullkv on the same samples) to pair against")
+    raise InputError("{ci} needs FullKV rows (run method fullkv on the same samples) to pair against",
+                     options=("ci",))
 
 
 def _budget_order(label: str) -> tuple[int, float]:
@@ -361,5 +363,5 @@ RENDERERS = {"md": render_markdown, "markdown": render_markdown, "latex": render
 
 def render(table: Table, fmt: str) -> str:
     if fmt not in RENDERERS:
-        raise InputError(f"--format must be md, latex or csv, got '{fmt}'")
+        raise InputError(f"{{format}} must be md, latex or csv, got '{fmt}'", options=("format",))
     return RENDERERS[fmt](table)
