@@ -35,6 +35,9 @@ from kvbench.methods.snapkv import SnapKV, checked_scores, keep_last, window_sco
 @dataclass
 class CriticalKV(SnapKV):
     name = "criticalkv"
+    # Its selection is two rankings (attention, then attention x projected value norm), not the top of one:
+    # Ada-KV must not reallocate SnapKV's ranking under its name. The head-adaptive form is critical_adakv.
+    ranked = False
     source = (
         "Feng et al. 2025, CriticalKV, arXiv 2502.03805; kvpress 0.5.5 CriticalKVPress(SnapKVPress) "
         "(criticalkv_press.py L38, L59-97), non-adaptive; methods-2.md §2.14"
