@@ -62,6 +62,9 @@ class CriticalKV(SnapKV):
         per_kv = norms.reshape(view.keys.shape[0], view.group, -1).mean(dim=1)
         return torch.stack([attention, per_kv])
 
+    def ranking(self, ctx: SelectContext) -> None:
+        return None  # not one ranking (see `ranked`); SnapKV's would read this method's stacked scores
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         device = ctx.keys.device
         if ctx.n_tokens <= ctx.kept:
