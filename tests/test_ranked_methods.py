@@ -133,3 +133,14 @@ def test_critical_adakv_through_the_engine(model):
         assert all(set(window) <= set(row.tolist()) for row in sel.rows())  # the whole window, every head
     assert ours.cache_bytes == snap.cache_bytes
     assert any(len(set(sel.lengths.tolist())) > 1 for sel in ours.kept_indices)
+
+
+@pytest.mark.parametrize("name", ["expected_attention", "expected_attention_adakv", "criticalkv", "critical_adakv"])
+def test_scorers_reading_the_module_or_rope_run_at_query_head_alone(name):
+    """The query-head view must carry the attention module (o_proj: CriticalKV) and the model's RoPE (Expected
+    Attention) as the kv_head view does; a run of the method alone at query_head stores g x the kv_head bytes."""
+    model = make_tiny_llama(layers=2, seed=11)
+    runs = {g: Engine(model, StubTokenizer()).run(prompt(80), [Plan(name, build(name).method, Budget(ratio=0.25), g)])
+            for g in ("kv_head", "query_head")}
+    kv, qh = (runs[g].generations[0] for g in ("kv_head", "query_head"))
+    assert qh.cache_bytes == 2 * kv.cache_bytes  # g = 4 / 2
