@@ -36,6 +36,9 @@ class KeyDiff(Method):
         "(keydiff_press.py L36-46); methods-2.md §2.16"
     )
 
+    def query_head_selection(self) -> bool:
+        return False  # scored from the keys (and values) alone: a group's query heads would keep identical sets
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if ctx.n_tokens <= ctx.kept:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)

@@ -97,6 +97,9 @@ class LagKV(Method):
         if self.eps < 0:
             raise InputError(f"lagkv: eps must be >= 0, got {self.eps}")
 
+    def query_head_selection(self) -> bool:
+        return False  # scored from the keys (and values) alone: a group's query heads would keep identical sets
+
     def scorer_key(self) -> tuple:
         return ("lagkv", self.n_sink, self.lag_size, self.cross_scoring, self.eps)
 
