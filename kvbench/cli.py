@@ -359,6 +359,9 @@ def list_methods(
                                              ("head-adaptive", method.head_adaptive),
                                              ("continuous", method.continuous)) if on]
             print(f"{name:18s} {where}{', '.join(flags) or '-'}")
+            aliases = methods.METHODS.aliases(name)
+            if aliases:
+                print(f"{'':18s} also: {', '.join(aliases)}")
             print(f"{'':18s} {method.describe()}")
             print(f"{'':18s} source: {method.source}")
     print()

@@ -65,3 +65,8 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def aliases(self, name: str) -> list[str]:
+        """The other names of a registered entry, in registration order."""
+        canonical = self.canonical(name)
+        return [alias for alias, target in self._aliases.items() if target == canonical]

@@ -87,6 +87,9 @@ from kvbench.methods.duo_attention import DuoAttention  # noqa: E402
 METHODS.register("adakv", AdaKV, aliases=("ada_kv",))
 METHODS.register("headkv", HeadKV)
 METHODS.register("duo_attention", DuoAttention, aliases=("duoattention",))
+from kvbench.methods.critical_adakv import CriticalAdaKV  # noqa: E402
+
+METHODS.register("critical_adakv", CriticalAdaKV, aliases=("criticaladakv",))
 # --- end head-adaptive methods ---
 
 

@@ -140,6 +140,11 @@ class HeadRanking:
     kept: int
 
     @classmethod
+    def plain(cls, scores: torch.Tensor, kept: int) -> "HeadRanking":
+        """Scores [H, T] of every prompt token and nothing protected (the method keeps its top `kept`)."""
+        return cls(scores, torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device), kept)
+
+    @classmethod
     def with_window(cls, prefix_scores: torch.Tensor, n_tokens: int, kept: int) -> "HeadRanking":
         """Scores of the prefix 0 .. T-w-1 [H, T-w] and a protected window of the last w tokens."""
         heads, prefix = prefix_scores.shape
