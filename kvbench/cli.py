@@ -138,8 +138,8 @@ def run(
 def run_summary(summary: RunSummary) -> str:
     """What a run ends with, on stdout: where its rows are and the table of just those rows (every row of
     this run's result files, earlier runs' included), without the footer `kvbench table` adds."""
-    from kvbench.models import safe_name
     from kvbench.results import report, store
+    from kvbench.results.store import safe_name
 
     rows = [row for path in summary.files for row in store.read_rows(path)]
     where = summary.results / safe_name(summary.model)
@@ -169,30 +169,34 @@ def table(
                             "test in every cell (legend under the table)"),
     resamples: int = typer.Option(10_000, help="bootstrap resamples for --ci"),
     ci_seed: int = typer.Option(0, help="bootstrap seed for --ci"),
+    protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
-    from kvbench.results import report, store
+    from kvbench.results import report, selection, store
 
     _check_out_file(out)
-    rows = store.load_all_rows(results)
+    loaded = selection.scored(store.load_results(results))
     if model is not None:
-        from kvbench.models import resolve_model
-
-        model = resolve_model(model).name
+        model = report.stored_model_name(loaded.rows, model)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    rows = selection.pick(loaded, model=model, tasks=names, protocol=protocol)
     built = report.build_table(rows, names, model, metric=metric)
     if ci:
         if resamples < 1:
             raise KvbenchError(f"--resamples must be >= 1, got {resamples}")
         report.add_ci(built, resamples, ci_seed)
+    built.skipped = selection.skipped_note(loaded.skipped)
     text = report.render(built, format)
     _emit(text, out)
+    if built.skipped and format not in ("md", "markdown"):  # markdown prints it under the table
+        _err(f"kvbench: table: {built.skipped}")
 
 
 @app.command(epilog=_examples("kvbench plot --results results --out plots"))
 def plot(
     results: Path = typer.Option(Path("results"), help="results directory"),
     out: Path = typer.Option(Path("plots"), help="directory for the PNG figures"),
+    protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
 ) -> None:
     """PNG figures: score vs ratio and vs measured cache bytes per method (a panel per task plus Avg), and
     KL vs budget when sensitivity results (kl_raw.jsonl) are present. Needs the `plot` extra (matplotlib)."""
@@ -200,7 +204,7 @@ def plot(
     from kvbench.results import plots
 
     outputs.check_dir(out, "--out")
-    for path in plots.plot_results(results, out):
+    for path in plots.plot_results(results, out, protocol, log=_err):
         _err(f"wrote {path}")
 
 

@@ -17,6 +17,7 @@ import torch
 from kvbench import resources
 from kvbench.errors import InputError, KvbenchError, ModelUnavailableError
 from kvbench.registry import unknown
+from kvbench.results.store import safe_name, write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
@@ -42,12 +43,6 @@ class ModelSpec:
     @property
     def slug(self) -> str:
         return safe_name(self.name)
-
-
-def safe_name(text: str) -> str:
-    """A file-system-safe name: no separators, no '..', nothing but [A-Za-z0-9._-]."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
-    return slug or "unnamed"
 
 
 def cache_root() -> Path:
@@ -194,8 +189,6 @@ def ensure_converted(gguf: Path) -> tuple[Path, str]:
             # re-converting, and restamp so the next call (a run asks twice) need not hash it again.
             sha = file_sha256(gguf)
             if sha == info.get("sha256"):
-                from kvbench.results.store import write_atomic  # store imports this module
-
                 write_atomic(stamp, json.dumps({**source, "sha256": sha}))
                 return target, sha
     from transformers import AutoModelForCausalLM, AutoTokenizer

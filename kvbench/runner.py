@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench import __version__, data, evidence, methods, models, outputs, prompts, scoring
-from kvbench.results import store
+from kvbench import __version__, data, evidence, methods, metrics, models, outputs, prompts, scoring
+from kvbench.results import schema, store
 from kvbench.data import HUB_REVISION, Sample, TaskSpec
-from kvbench.engine import DECODE_MODES, GRANULARITIES, Engine, Generation, Plan, storage_granularity
+from kvbench.engine import DECODE_MODES, GRANULARITIES, Engine, Plan, storage_granularity
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
-from kvbench.results.store import ResultFile, Shard, digest
+from kvbench.results.store import ResultFile, Shard
 
 # Bump when the engine's decoding rules change (anything that can move a score).
 ENGINE_VERSION = "engine-v1"
@@ -195,40 +195,11 @@ def granularity_note(opts: RunOptions, plans: list[Plan]) -> str | None:
             "storing them g times would only waste memory)")
 
 
-def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str, decode: str = "sequential",
-                    prefill_chunk: int = 0) -> dict[str, Any]:
-    """Everything outside the task and the method that changes a score."""
-    from kvbench import metrics
-
-    fields = {
-        "model_identity": identity,
-        "max_length": spec.max_length,
-        "chat": spec.chat,
-        "dtype": dtype,
-        "prompt_rules": prompts.PROMPT_RULES_VERSION,
-        "metrics": metrics.METRICS_VERSION,
-        "engine": ENGINE_VERSION,
-    }
-    # Sequential decoding of an unchunked prefill computes exactly what engine-v1 computed, so those rows keep
-    # engine-v1's fingerprint (and stay comparable and resumable); anything else can move the last bits.
-    if decode != "sequential":
-        fields["decode"] = decode
-    if prefill_chunk:
-        fields["prefill_chunk"] = prefill_chunk
-    return fields
-
-
 def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
-    fields = {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
-    if plan.granularity != "kv_head":  # only then, so the fingerprints of kv_head rows stay what they were
-        fields["granularity"] = plan.granularity
-    artifacts = plan.method.artifacts()  # files the method reads (head tables), by sha256
-    if artifacts:
-        fields["artifacts"] = artifacts
-    version = getattr(type(plan.method), "version", 1)
-    if version != 1:  # version 1 adds nothing, so the fingerprints of rows written before versions existed hold
-        fields["version"] = version
-    return fields
+    """The fields config_fp is made of (kvbench.results.schema.config_fields), from a plan."""
+    return schema.config_fields(plan.method.name, plan.method.params(), plan.budget.label, scope,
+                                getattr(type(plan.method), "version", 1), granularity=plan.granularity,
+                                artifacts=plan.method.artifacts())
 
 
 def dtype_name(opts: RunOptions, spec: models.ModelSpec, device: str) -> str:
@@ -293,66 +264,6 @@ def score_generation(task: TaskSpec, sample: Sample, prediction: str) -> float:
     )
 
 
-def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Prompt, run_id: str,
-             model_name: str, protocol_fp: str, prefill_seconds: float, scope: str, prefilled: int,
-             peak_memory_bytes: int | None = None) -> dict[str, Any]:
-    plan = gen.plan
-    return {
-        "_id": sample.id,
-        "task": target.task.name,
-        "model": model_name,
-        "method": plan.label,
-        "method_base": plan.method.name,
-        "params": plan.method.params(),
-        "ratio": plan.budget.ratio,
-        "budget_tokens": plan.budget.tokens,
-        "budget": plan.budget.label,
-        "scope": scope,
-        "granularity": plan.granularity,
-        "prediction": gen.text,
-        "answers": list(sample.answers),
-        "all_classes": list(sample.all_classes) if sample.all_classes is not None else None,
-        "length": sample.length,
-        "score": score_generation(target.task, sample, gen.text),
-        "prompt_tokens": prompt.n_tokens,
-        "prompt_tokens_untruncated": prompt.n_original_tokens,
-        "prefilled_tokens": prefilled,
-        "kept_tokens": gen.kept_per_layer,
-        "kept_tokens_mean": sum(gen.kept_per_layer) / len(gen.kept_per_layer),
-        "cache_bytes": gen.cache_bytes,
-        "cache_bytes_allocated": gen.cache_bytes_allocated,
-        "full_cache_bytes": gen.full_cache_bytes,
-        **storage_fields(gen, prefilled),
-        "max_cache_tokens": gen.max_cache_tokens,
-        # evidence_tokens, evidence_retention (per layer), _mean, _min, layer_overlap: see results/README.md
-        **evidence.row_fields(target.task, sample, prompt, gen.kept_indices, gen.kept_per_layer, prefilled),
-        "generated_tokens": len(gen.token_ids),
-        "decode": gen.decode,
-        "prefill_seconds": round(prefill_seconds, 4),
-        "decode_seconds": round(gen.decode_seconds, 4),
-        "peak_memory_bytes": peak_memory_bytes,
-        "protocol_fp": protocol_fp,
-        "task_fp": target.task_fp,
-        "config_fp": target.config_fp,
-        "run_id": run_id,
-    }
-
-
-def storage_fields(gen: Generation, prefilled: int) -> dict[str, Any]:
-    """methods-2.md §1.8: token keep ratio (kept entries / (layers x KV heads x prefilled tokens)), byte ratio
-    (cache_bytes / full_cache_bytes), whether cache_bytes is physical or the formula's bytes of a simulated
-    layout, and the bytes after each transform stage."""
-    layers = len(gen.kept_per_layer)
-    heads = len(gen.kept_indices[0].lengths) if gen.kept_indices else 0
-    slots = layers * heads * prefilled
-    return {
-        "token_keep_ratio": round(gen.kept_entries / slots, 6) if slots else 1.0,
-        "byte_ratio": round(gen.cache_bytes / gen.full_cache_bytes, 6) if gen.full_cache_bytes else None,
-        "storage": gen.storage,
-        "stages": [{"stage": stage, "bytes": nbytes} for stage, nbytes in gen.stages] if gen.stages else None,
-    }
-
-
 def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = None) -> RunSummary:
     # ---- 1. validate everything before touching the disk or loading weights ----
     if opts.limit is not None and opts.limit < 0:
@@ -403,18 +314,20 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     identity = models.model_identity(spec)
     for plan in plans:  # head tables of the run's model (HeadKV, DuoAttention): part of the fingerprints
         plan.method.bind_model(identity, spec.name)
-    protocol = protocol_fields(spec, identity, dtype, opts.decode, opts.prefill_chunk)
-    protocol_fp = digest(protocol)
+    protocol = schema.protocol_fields(
+        model_identity=identity, max_length=spec.max_length, chat=spec.chat, dtype=dtype,
+        prompt_rules=prompts.PROMPT_RULES_VERSION, metrics=metrics.METRICS_VERSION, engine=ENGINE_VERSION,
+        decode=opts.decode, prefill_chunk=opts.prefill_chunk)
+    protocol_fp = schema.protocol_fp(protocol)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
     # ---- 2. find what is already done: read only, nothing created, a live writer refused now ----
     targets: list[Target] = []
     summary = RunSummary(model=spec.name, results=opts.results, skipped=skipped)
     for task in runnable:
-        task_fp = digest({"task": task.fingerprint_fields(), "data": sources[task.name].identity(task),
-                          "protocol": protocol_fp})
+        task_fp = schema.task_fp(task.fingerprint_fields(), sources[task.name].identity(task), protocol_fp)
         for plan in plans:
-            config_fp = digest({"config": config_fields(plan, opts.scope), "task_fp": task_fp})
+            config_fp = schema.config_fp(config_fields(plan, opts.scope), task_fp)
             path = store.result_path(opts.results, spec.slug, task.name, plan.label, plan.budget.label,
                                      opts.scope, config_fp, shard)
             file = ResultFile(path, wait=opts.wait)
@@ -463,6 +376,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             return all_done()
 
         # ---- 5. run ----
+        device_label = device_name(loaded.device)
         manifest_path = opts.results / spec.slug / "manifests" / f"{run_id}.json"
         manifest = {
             "run_id": run_id,
@@ -477,7 +391,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             "versions": versions(),
             "git_commit": git_commit(),
             "device": str(loaded.device),
-            "device_name": _device_name(loaded.device),
+            "device_name": device_label,
             "stop_ids": sorted(loaded.stop_ids),
             "status": "running",
         }
@@ -495,8 +409,14 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
                 result = engine.run(prompt, [t.plan for t in missing], opts.scope, sample.id, opts.seed)
                 summary.prefills += 1
                 for target, gen in zip(missing, result.generations):
-                    row = make_row(target, sample, gen, prompt, run_id, spec.name, protocol_fp,
-                                   result.prefill_seconds, opts.scope, result.n_prefilled, result.peak_memory_bytes)
+                    row = schema.build_row(schema.RowInputs(
+                        task=task, sample=sample, gen=gen, prompt=prompt, model=spec.name, scope=opts.scope,
+                        score=score_generation(task, sample, gen.text),
+                        evidence=evidence.row_fields(task, sample, prompt, gen.kept_indices, gen.kept_per_layer,
+                                                     result.n_prefilled),
+                        prefilled=result.n_prefilled, prefill_seconds=result.prefill_seconds,
+                        peak_memory_bytes=result.peak_memory_bytes, device=device_label,
+                        run_id=run_id, fps=schema.Fingerprints(protocol_fp, target.task_fp, target.config_fp)))
                     target.file.append(row)
                     summary.rows_written += 1
                     summary.decodes += 1
@@ -568,9 +488,17 @@ def _pending(runnable: list[TaskSpec], targets: list[Target], samples: dict[str,
     return pending, total
 
 
-def _device_name(device: Any) -> str:
+def device_name(device: Any) -> str:
+    """What the row's `device` field holds: the GPU's name, or the CPU's model name (timings are compared only
+    between rows of the same name)."""
     if device.type == "cuda":
         import torch
 
         return torch.cuda.get_device_name(device)
+    try:  # Linux: the CPU model (e.g. "AMD EPYC"); platform.processor() only says "x86_64" there
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()

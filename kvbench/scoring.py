@@ -16,13 +16,9 @@ Official facts reproduced here (THUDM/LongBench ``LongBench/eval.py``):
   **last** row's ``all_classes``. We do the same (for merged shards: the last row of the last shard).
 * A file with no rows would divide by zero officially; here it is an InputError.
 
-Speed (2-core dev box, the 21 reference files, 4,750 predictions): about 2 s in all, vs 16 s for
-the official eval. The largest items: jieba's one-off dictionary load (0.5 s from its cache file,
-about 1 s the first time), vcsum (0.5 s: jieba segmentation of long Chinese texts plus ROUGE-L),
-gov_report (0.3 s ROUGE-L) and dureader (0.25 s). With the pltrdy package itself, ROUGE-L would
-dominate (15 s of the 16, 7 s on gov_report); ``kvbench.metrics`` re-implements it exactly. Caching
-is limited to jieba segmentation of identical strings (a pure function; see
-``metrics.jieba_segment``).
+ROUGE-L comes from ``kvbench.metrics``, which re-implements the pltrdy package exactly: the package itself
+would take most of the scoring time (scripts/BENCHMARKS.md, "Reading results"). The only cache is jieba's
+segmentation of identical strings, a pure function (``metrics.jieba_segment``), so caching cannot change a score.
 """
 
 from __future__ import annotations
@@ -383,21 +379,23 @@ def _fmt(value: float) -> str:
 
 def render_score_table(report: ScoreReport) -> str:
     """Markdown table: one row per task, then the two averages."""
+    from kvbench.results import render
+
     has_buckets = bool(report.buckets)
     header = ["task", "category", "metric", "n", "score"] + (list(BUCKETS) if has_buckets else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    rows, bold = [], []
     for task, score in report.scores.items():
         cells = [task, CATEGORY[base_task(task)], metric_for_task(task), str(report.n_samples[task]), _fmt(score)]
         if has_buckets:
             b = report.buckets.get(task)
             cells += [_fmt(b[k]) if b else "" for k in BUCKETS]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+        bold.append([False] * len(cells))
     if report.scores:
         pad = [""] * (len(BUCKETS) if has_buckets else 0)
-        n = len(report.scores)
-        lines.append("| " + " | ".join([f"**average ({n} tasks)**", "", "", "", f"**{average(report.scores):.2f}**"] + pad) + " |")
+        rows.append([f"average ({len(report.scores)} tasks)", "", "", "", f"{average(report.scores):.2f}", *pad])
+        bold.append([True] * len(header))
         ncat = len(category_means(report.scores))
-        lines.append(
-            "| " + " | ".join([f"average of {ncat} category means", "", "", "", f"{category_average(report.scores):.2f}"] + pad) + " |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([f"average of {ncat} category means", "", "", "", f"{category_average(report.scores):.2f}", *pad])
+        bold.append([False] * len(header))
+    return "\n".join(render.markdown(header, rows, 3, bold)) + "\n"

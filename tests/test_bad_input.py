@@ -321,6 +321,7 @@ def test_run_ends_with_where_the_rows_are_and_their_table(inputs, tmp_path, caps
         "| KV | Method | MF-en | Avg |",
         "|---|---|---:|---:|",
         f"|  | Avg len | {sum(lengths.values()) / 2:,.0f} |  |",
+        "|  | n | 2 |  |",
         f"| Full | FullKV | {mean['fullkv']:.2f} | {mean['fullkv']:.2f} |",
         f"| 50% | SnapKV | {mean['snapkv']:.2f} | {mean['snapkv']:.2f} |",
         f"all rows, with the protocol fingerprint: kvbench table --results {results}",
