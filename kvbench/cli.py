@@ -229,8 +229,10 @@ def list_methods() -> None:
         print(f"{name:14s} {cls().describe()}")
         print(f"{'':14s} source: {cls.source}")
     for name, entry in methods.presets().items():
-        params = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "method")
+        params = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("method", "source"))
         print(f"{name:18s} preset of {entry.get('method')}: {params}")
+        if entry.get("source"):
+            print(f"{'':18s} source: {entry['source']}")
 
 
 def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:

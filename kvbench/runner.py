@@ -120,7 +120,7 @@ def build_plans(opts: RunOptions) -> list[Plan]:
     used: set[str] = set()
     for name in names:
         base = methods.build(name)  # validates the name
-        fields = set(base.method.params())
+        fields = set(base.method.all_params())
         applicable = {k: v for k, v in overrides_all.items() if k in fields}
         used |= set(applicable)
         choices.append(methods.build(name, applicable))

@@ -89,6 +89,7 @@ def build(name: str, overrides: dict[str, str] | None = None) -> MethodChoice:
     table = presets()
     if key in table:
         entry = dict(table[key])
+        entry.pop("source", None)  # what the preset follows: shown by `kvbench methods`, not a hyper-parameter
         base = entry.pop("method", None)
         if base is None:
             raise InputError(f"configs/methods.yaml: preset '{key}' has no 'method'")
