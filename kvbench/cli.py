@@ -64,6 +64,7 @@ class Progress:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", help="alias (kvbench models), HF id, local dir or .gguf file"),
     method: str = typer.Option("fullkv", help="method or preset names, comma separated, or 'all'"),
     ratio: Optional[str] = typer.Option(None, help="fraction of the prompt's KV kept (0 < r <= 1), comma list ok; default 0.1"),
@@ -85,6 +86,8 @@ def run(
     synthetic_length: int = typer.Option(2000, help="length of synthetic contexts (words en / characters zh)"),
     seed: int = typer.Option(0, help="seed for random methods"),
     hub_revision: Optional[str] = typer.Option(None, help="THUDM/LongBench dataset revision (commit) for --data hub"),
+    recipe: Optional[str] = typer.Option(None, help="run a paper recipe (kvbench recipes); --model, --tasks, --limit "
+                                         "and --data-dir may override it, and the rows record that they did"),
 ) -> None:
     """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
     from kvbench import data as data_mod, runner
@@ -97,7 +100,25 @@ def run(
         shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
         synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
     )
+    if recipe is not None:
+        from kvbench.studies.recipes import Overrides
+
+        given = _given(ctx)
+        fixed = [f"--{n.replace('_', '-')}" for n in ("method", "ratio", "budget", "scope", "gqa_reduce", "method_arg",
+                                                       "max_length") if n in given]
+        if fixed:
+            raise KvbenchError(f"{fixed[0]} cannot be combined with --recipe (the recipe fixes it); drop it, or run "
+                               "without --recipe")
+        overrides = Overrides(model=model if "model" in given else None, tasks=tasks if "tasks" in given else None,
+                              limit=limit, data_dir=data_dir)
+        opts = runner.recipe_options(recipe, overrides, opts)
     runner.run(opts, log=_err, progress=Progress())
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The options the caller typed (not left at their defaults)."""
+    return {name for name in ctx.params if (source := ctx.get_parameter_source(name)) is not None
+            and source.name != "DEFAULT"}
 
 
 @app.command()
@@ -113,15 +134,26 @@ def table(
                             "test in every cell (legend under the table)"),
     resamples: int = typer.Option(10_000, help="bootstrap resamples for --ci"),
     ci_seed: int = typer.Option(0, help="bootstrap seed for --ci"),
+    recipe: Optional[str] = typer.Option(None, help="a paper recipe (kvbench recipes): the paper's numbers and ours "
+                                         "side by side, paper / ours / delta per cell"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
     from kvbench.results import report, store
 
+    if recipe is not None:
+        from kvbench.studies import recipes
+
+        if tasks is not None or metric != "score" or ci:
+            raise KvbenchError("--recipe tabulates the recipe's tasks and scores: drop --tasks, --metric and --ci")
+        chosen = recipes.load(recipe)
+        if format not in recipes.FORMATS:
+            raise KvbenchError(f"--format must be md, latex or csv, got '{format}'")
+        name = _model_name(model) if model is not None else None
+        _emit(recipes.render(recipes.side_by_side(chosen, store.load_all_rows(results), name), format), out)
+        return
     rows = store.load_all_rows(results)
     if model is not None:
-        from kvbench.models import resolve_model
-
-        model = resolve_model(model).name
+        model = _model_name(model)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     built = report.build_table(rows, names, model, metric=metric)
     if ci:
@@ -145,6 +177,12 @@ def plot(
         raise KvbenchError(f"--out {out} is not a directory")
     for path in plots.plot_results(results, out):
         _err(f"wrote {path}")
+
+
+def _model_name(model: str) -> str:
+    from kvbench.models import resolve_model
+
+    return resolve_model(model).name
 
 
 def _emit(text: str, out: Optional[Path]) -> None:
@@ -218,6 +256,16 @@ def list_tasks() -> None:
         kind = "synthetic" if spec.synthetic else ("LongBench-E" if spec.longbench_e else "LongBench")
         print(f"{spec.name:24s} {spec.short:11s} {spec.language}  {spec.category:14s} {spec.metric:15s} "
               f"max_new={spec.max_new_tokens:<4d} chat={'yes' if spec.chat else 'no':3s} {kind}")
+
+
+@app.command("recipes")
+def list_recipes(name: Optional[str] = typer.Argument(None, help="show this recipe in full: its assumptions and "
+                                                      "every published number with its source")) -> None:
+    """Paper recipes: published LongBench tables that `kvbench run --recipe NAME` reproduces."""
+    from kvbench.studies import recipes
+
+    for recipe in [recipes.load(name)] if name is not None else [recipes.load(n) for n in recipes.names()]:
+        print(recipes.describe(recipe, full=name is not None))
 
 
 @app.command("methods")

@@ -21,6 +21,15 @@ def tasks_path(name: str) -> Path:
     return ROOT / "tasks" / name
 
 
+def recipe_dir() -> Path:
+    """Paper recipes (kvbench.studies.recipes): package data from the start, so installed copies have them."""
+    return Path(__file__).resolve().parent / "configs" / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    return recipe_dir() / f"{name}.yaml"
+
+
 def load_yaml(path: Path) -> Any:
     return _load_yaml_cached(str(path), path.stat().st_mtime_ns if path.exists() else 0)
 

@@ -3,6 +3,7 @@ decode every (method, budget) from it, score, and append one row per (sample, me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvbench import __version__, data, evidence, methods, models, prompts, scoring
 from kvbench.results import store
@@ -22,6 +23,9 @@ from kvbench.engine import Engine, Generation, Plan
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
 from kvbench.results.store import ResultFile, Shard, digest
+
+if TYPE_CHECKING:
+    from kvbench.studies.recipes import Overrides
 
 # Bump when the engine's decoding rules change (anything that can move a score).
 ENGINE_VERSION = "engine-v1"
@@ -51,6 +55,23 @@ class RunOptions:
     synthetic_length: int = 2000
     seed: int = 0
     hub_revision: str = HUB_REVISION
+    # kvbench run --recipe: {name, overrides, deviations}, copied into every row (no fingerprint: the options
+    # it expanded to are fingerprinted as for any run)
+    recipe: dict[str, Any] | None = None
+
+
+def recipe_options(name: str, overrides: "Overrides", base: RunOptions) -> RunOptions:
+    """`kvbench run --recipe NAME`: the recipe's model, methods, budget, tasks, data, scope and truncation, with
+    `overrides` applied, on top of `base`, which keeps what a recipe leaves alone (results, device, dtype,
+    shards, ...); an explicit --data wins over the recipe's."""
+    from kvbench.studies import recipes
+
+    plan = recipes.load(name).expand(overrides)
+    return dataclasses.replace(
+        base, model=plan.model, method=plan.method, ratios=plan.ratios, budget=plan.budget, tasks=plan.tasks,
+        data=plan.data if base.data == "auto" else base.data, data_dir=plan.data_dir, limit=plan.limit,
+        scope=plan.scope, max_length=plan.max_length, recipe=plan.stamp,
+    )
 
 
 @dataclass
@@ -376,6 +397,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
                 for target, gen in zip(missing, result.generations):
                     row = make_row(target, sample, gen, prompt, run_id, spec.name, protocol_fp,
                                    result.prefill_seconds, opts.scope, result.n_prefilled)
+                    if opts.recipe is not None:
+                        row["recipe"] = opts.recipe
                     target.file.append(row)
                     summary.rows_written += 1
                     summary.decodes += 1
