@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from kvbench import resources
 from kvbench.data import load_task_specs
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
+from kvbench.registry import did_you_mean
 from kvbench.results import report
 
 # Granularities kvbench can run. A recipe asking for another one runs at kv_head and says so (the query-head
@@ -171,8 +173,6 @@ def names() -> list[str]:
 def load(name: str) -> Recipe:
     key = name.strip().lower()
     if key not in names():
-        from kvbench.registry import did_you_mean
-
         raise InputError(f"unknown recipe '{name}'{did_you_mean(key, names())}; `kvbench recipes` lists them")
     path = resources.recipe_path(key)
     return parse(key, resources.load_yaml(path), str(path))
