@@ -160,15 +160,22 @@ def parse_row(raw: dict[str, Any], task: str, where: str) -> Sample:
 
 
 def read_jsonl(path: Path, task: str, limit: int | None = None) -> Iterator[Sample]:
-    """Official LongBench jsonl, in file order. A broken line is an error naming file and line."""
-    with open(path, encoding="utf-8") as handle:
-        count = 0
-        for number, line in enumerate(handle, 1):
+    """Official LongBench jsonl, in file order. A broken line (bad JSON, bad UTF-8) is an error naming file
+    and line; so is a file without any sample. Lines are decoded one by one: with a limit, only what is read
+    must be valid."""
+    with open(path, "rb") as handle:
+        count = offset = 0
+        for number, data in enumerate(handle, 1):
             if limit is not None and count >= limit:
                 return
+            where = f"{path}:{number}"
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:  # the wording of `kvbench score`, plus the line
+                raise InputError(f"{where}: not valid UTF-8 ({exc.reason} at byte {offset + exc.start})") from None
+            offset += len(data)
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -177,6 +184,8 @@ def read_jsonl(path: Path, task: str, limit: int | None = None) -> Iterator[Samp
                 raise InputError(f"{where}: expected a JSON object")
             yield parse_row(raw, task, where)
             count += 1
+    if count == 0 and limit != 0:
+        raise InputError(f"{path}: no samples in the file (it is empty)")
 
 
 def _file_digest(path: Path) -> str:
@@ -194,6 +203,10 @@ class DataSource:
 
     def identity(self, task: TaskSpec) -> str:
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where the samples come from, in words, for the line a run prints before it starts."""
+        return type(self).__name__
 
 
 class LocalDir(DataSource):
@@ -219,6 +232,9 @@ class LocalDir(DataSource):
 
     def identity(self, task: TaskSpec) -> str:
         return f"file-sha256:{_file_digest(self.path(task))}"
+
+    def describe(self) -> str:
+        return f"the files in {self.root}"
 
 
 class Hub(LocalDir):
@@ -270,6 +286,9 @@ class Hub(LocalDir):
     def identity(self, task: TaskSpec) -> str:
         return f"hub:{HUB_REPO}@{self.resolved[:12]}:{_file_digest(self.path(task))}"
 
+    def describe(self) -> str:
+        return f"{HUB_REPO} {HUB_FILE} at {self.resolved[:12]} (cached in {self.root})"
+
 
 class Synthetic(DataSource):
     """Passkey and multi-needle retrieval in English and Chinese, generated from a seed at a chosen length
@@ -286,6 +305,10 @@ class Synthetic(DataSource):
 
     def identity(self, task: TaskSpec) -> str:
         return f"synthetic:v1:len={self.length}:seed={self.seed}"
+
+    def describe(self) -> str:
+        return (f"kvbench's built-in synthetic generator (offline; contexts of {self.length} words in English, "
+                f"characters in Chinese; --synthetic-length)")
 
     def samples(self, task: TaskSpec, limit: int | None = None) -> Iterator[Sample]:
         entry = self.config["tasks"][task.name]
@@ -348,6 +371,8 @@ def open_source(
     synthetic = Synthetic(synthetic_length) if any(t.synthetic for t in tasks) else None
     real = [t for t in tasks if not t.synthetic]
     source: DataSource | None = None
+    if data == "hub" and data_dir is not None:
+        raise InputError("give --data hub or --data-dir DIR, not both")
     if real:
         if data_dir is not None:
             source = LocalDir(data_dir)

@@ -14,8 +14,8 @@ to tokens through the final text's offsets: a token is evidence when its charact
 by truncation counts only its surviving tokens; tokens at or after `Prompt.question_start` (the question part)
 never count.
 
-Retention of one layer whose kept indices are [H_kv, k] is the fraction of (KV head, evidence token) pairs
-kept; a row records the mean and the min over layers. Overlap is the Jaccard similarity |A ∩ B| / |A ∪ B| of
+Retention of one layer whose kept indices are [H_kv, k] (or one index set per head, of per-head lengths) is the
+fraction of (KV head, evidence token) pairs kept; a row records the mean and the min over layers. Overlap is the Jaccard similarity |A ∩ B| / |A ∪ B| of
 the kept index sets of adjacent layers, per KV head, averaged over heads and then over the L - 1 adjacent
 pairs (the ChunkKV paper's "index-reuse Jaccard similarity", its Table 2).
 """
@@ -113,14 +113,19 @@ def retention_per_layer(kept: Sequence[torch.Tensor], positions: Sequence[int]) 
     for layer in kept:
         heads = _heads(layer)
         hits = sum(np.intersect1d(evidence, np.unique(head), assume_unique=True).size for head in heads)
-        out.append(hits / (heads.shape[0] * evidence.size))
+        out.append(hits / (len(heads) * evidence.size))
     return out
 
 
-def _heads(layer: Any) -> np.ndarray:
-    """A layer's kept indices as a [H, k] int64 array."""
+def _heads(layer: Any) -> list[np.ndarray]:
+    """A layer's kept indices, one int64 array per head: from a [H, k] tensor or array, a `Selection` (per-head
+    lengths), or a list of per-head index sets."""
+    if hasattr(layer, "rows") and hasattr(layer, "lengths"):  # kvbench.methods.base.Selection
+        layer = layer.rows()
+    if isinstance(layer, (list, tuple)):
+        return [np.asarray(h.numpy() if isinstance(h, torch.Tensor) else h, dtype=np.int64) for h in layer]
     array = np.asarray(layer.numpy() if isinstance(layer, torch.Tensor) else layer, dtype=np.int64)
-    return array.reshape(-1, array.shape[-1])
+    return list(array.reshape(-1, array.shape[-1]))
 
 
 def jaccard(a: Any, b: Any) -> float:
@@ -139,9 +144,9 @@ def layer_overlap(kept: Sequence[torch.Tensor]) -> float | None:
     pairs = []
     for below, above in zip(kept[:-1], kept[1:]):
         below, above = _heads(below), _heads(above)
-        if below.shape[0] != above.shape[0]:
-            raise ValueError(f"adjacent layers keep for {below.shape[0]} and {above.shape[0]} heads")
-        pairs.append(sum(jaccard(x, y) for x, y in zip(below, above)) / below.shape[0])
+        if len(below) != len(above):
+            raise ValueError(f"adjacent layers keep for {len(below)} and {len(above)} heads")
+        pairs.append(sum(jaccard(x, y) for x, y in zip(below, above)) / len(below))
     return sum(pairs) / len(pairs)
 
 

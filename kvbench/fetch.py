@@ -178,6 +178,24 @@ def _lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def nothing_to_fetch(alias: str, recipes: dict[str, Recipe] | None = None) -> str | None:
+    """For a known model alias that needs no fetching, the line that says so and where it loads from; None for
+    an alias with a recipe or an unknown name (fetch_model then fetches, or names the known recipes)."""
+    from kvbench.models import load_aliases
+
+    key = alias.strip().lower()
+    entry = load_aliases().get(key)
+    if key in (RECIPES if recipes is None else recipes) or entry is None:
+        return None
+    if entry.get("hf_id"):
+        where = f"it loads from the Hugging Face cache ({entry['hf_id']})"
+    elif entry.get("embedded"):
+        where = f"it ships inside the Python package {entry['embedded'].get('package')}"
+    else:
+        return None
+    return f"{key}: known alias, nothing to fetch: {where}"
+
+
 def fetch_model(
     alias: str,
     *,

@@ -200,10 +200,18 @@ def ensure_converted(gguf: Path) -> tuple[Path, str]:
                 return target, sha
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(gguf, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise InputError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
     sha = sha or file_sha256(gguf)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # a damaged file fails inside the GGUF reader in many ways (ValueError, struct, index)
+        raise InputError(
+            f"cannot read GGUF file {gguf} ({_error_text(exc)}); is it complete and undamaged?"
+        ) from None
     # save_pretrained refuses a model that still says it is gguf-quantised; the weights are plain floats now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -315,10 +323,12 @@ def preflight(spec: ModelSpec, trust_remote_code: bool = False) -> Preflight:
 
 def load_model(
     spec: ModelSpec, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-    pre: Preflight | None = None,
+    pre: Preflight | None = None, device_map: str | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer, put the model in eval mode on the device, and set kvbench's attention.
-    `pre` (from preflight) saves loading config and tokenizer twice."""
+    `pre` (from preflight) saves loading config and tokenizer twice. `device_map="auto"` spreads a model larger
+    than one GPU over every visible GPU (and the CPU) through accelerate; the engine then feeds inputs to the
+    first layer's device and every cache layer lives where its decoder layer runs."""
     from transformers import AutoModelForCausalLM
 
     from kvbench.engine import attention
@@ -327,6 +337,8 @@ def load_model(
     torch_dtype = resolve_dtype(spec.dtype if dtype == "auto" else dtype, dev)
     pre = pre or preflight(spec, trust_remote_code)
     kwargs: dict[str, Any] = {"config": pre.config, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = _local_first(lambda local: AutoModelForCausalLM.from_pretrained(
             pre.location, local_files_only=local, **kwargs), pre.local_only)
@@ -335,12 +347,21 @@ def load_model(
     identity = pre.identity
     if spec.hf_id and not pre.local_only:
         identity = f"hf:{spec.hf_id}@{_hf_revision(spec.hf_id) or 'unknown'}"
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = next(model.parameters()).device
     model.eval()
     attention.install(model)
     loaded = LoadedModel(model=model, tokenizer=pre.tokenizer, spec=spec, device=dev, dtype=torch_dtype, identity=identity)
     loaded.stop_ids = stop_token_ids(loaded)
     return loaded
+
+
+def _error_text(exc: BaseException) -> str:
+    """'Type: first line' of an exception from a library, for a one-line message."""
+    text = _first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _first_line(exc: BaseException) -> str:

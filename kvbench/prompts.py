@@ -120,6 +120,24 @@ def question_suffix(task: TaskSpec, sample: Sample) -> str:
     return "" if halves is None else halves[1].format(input=sample.input)
 
 
+def check_max_length(task: TaskSpec, sample: Sample, tokenizer: Any, max_length: int) -> None:
+    """Middle truncation keeps the last int(max_length/2) tokens of the filled template: a truncated prompt
+    must still hold the whole question (the template after {context}), or every answer is to a cut question."""
+    suffix = question_suffix(task, sample)
+    if not suffix:
+        return
+    half = int(max_length / 2)
+    n_question = len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    if n_question <= half:
+        return
+    if len(tokenizer(fill(task.prompt, sample), truncation=False)["input_ids"]) <= max_length:
+        return  # not truncated at all
+    raise InputError(
+        f"--max-length {max_length} is too small for {task.name}: middle truncation keeps the last {half} tokens, "
+        f"but the question of sample {sample.id} takes {n_question}; use --max-length {2 * n_question} or more"
+    )
+
+
 def find_question_start(text: str, offsets: list[tuple[int, int]], suffix: str) -> int:
     """First token that starts at or after the suffix's first character (a token straddling the boundary
     stays with the context). Without a findable suffix the whole prompt is context."""

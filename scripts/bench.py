@@ -5,6 +5,7 @@
     .venv/bin/python scripts/bench.py P3   # kvpress 0.5.5 side-by-side (needs scripts/setup_kvpress.sh)
     .venv/bin/python scripts/bench.py P4   # cache bytes and decode tokens/s vs ratio
     .venv/bin/python scripts/bench.py P5   # prefill observer overhead (window methods; H2O separately)
+    .venv/bin/python scripts/bench.py P6   # batched vs sequential decoding: identical predictions, logit differences
 
 Every number that is compared is a RATIO measured inside one run of this script: the compared variants are
 interleaved sample by sample (their order alternates), repeated, and summed/medianed, so machine load hits
@@ -150,14 +151,14 @@ def fullkv_plans() -> list:
     return make_plans("fullkv", [])
 
 
-def engine_for(loaded: Any, lockstep: int | None = None):
-    """The Engine `kvbench run` builds (same repetition penalty); `lockstep` overrides its default."""
+def engine_for(loaded: Any, decode: str | None = None):
+    """The Engine `kvbench run` builds (same repetition penalty); `decode` overrides its default mode."""
     from kvbench.engine import Engine
 
     gen = getattr(loaded.model, "generation_config", None)
     engine = Engine(loaded.model, loaded.tokenizer, float(getattr(gen, "repetition_penalty", None) or 1.0))
-    if lockstep is not None:
-        engine.lockstep = lockstep
+    if decode is not None:
+        engine.decode = decode
     return engine
 
 
@@ -245,11 +246,11 @@ def p1(args: argparse.Namespace) -> None:
     loaded = load_model(args)
     header("P1 sweep cost", args)
     items = pick_items(loaded, args)
-    engine = engine_for(loaded, args.lockstep)
-    sequential = engine_for(loaded, 1)
+    engine = engine_for(loaded, args.decode)
+    sequential = engine_for(loaded, "sequential")
     sweep = make_plans(args.methods, args.ratios)
     print(f"   sweep: {len(sweep)} plans ({args.methods} x {args.ratios}), scope full, one prefill per sample, "
-          f"decoded {engine.lockstep} at a time layer by layer (engine.lockstep)")
+          f"decode {engine.decode}")
     variants = {"fullkv": fullkv_plans(), "sweep": sweep}
     if args.also_sequential:
         variants["sequential"] = sweep  # the same sweep with plans decoded one after another
@@ -258,13 +259,15 @@ def p1(args: argparse.Namespace) -> None:
         print(f"   also timed: a sweep of {len(variants['other'])} plans ({args.compare_methods} x {args.ratios})")
     totals = {name: Clock() for name in variants}
     naive_total, ratios, decode_share = Clock(), [], []
-    compress = [Clock()]  # time in Engine._compress (selection + gathering the kept keys/values) of the sweeps
-    for runner in (engine, sequential):
-        def timed_compress(*a: Any, _inner: Any = runner._compress, **k: Any) -> Any:
-            spent, out = timed(lambda: _inner(*a, **k))
-            compress[0] += spent
-            return out
-        runner._compress = timed_compress
+    compress = [Clock()]  # time in engine.compress (selection + gathering the kept keys/values) of the sweeps
+    import kvbench.engine as engine_module
+
+    def timed_compress(*a: Any, _inner: Any = engine_module.compress, **k: Any) -> Any:
+        spent, out = timed(lambda: _inner(*a, **k))
+        compress[0] += spent
+        return out
+
+    engine_module.compress = timed_compress
     with PrefillClock(loaded.model) as prefill:
         for rep in range(args.repeats):
             for index, item in enumerate(items):
@@ -304,11 +307,12 @@ def p1(args: argparse.Namespace) -> None:
               f"{totals['other'].wall / totals['fullkv'].wall:.2f}x)")
     if "sequential" in totals:
         print(f"   sweep with plans decoded one at a time / FullKV: "
-              f"{totals['sequential'].get() / totals['fullkv'].get():.2f}x; layer-by-layer lockstep saves "
+              f"{totals['sequential'].get() / totals['fullkv'].get():.2f}x; {engine.decode} decoding saves "
               f"{100 * (1 - totals['sweep'].get() / totals['sequential'].get()):.0f}% of the sweep "
               f"({100 * (1 - totals['sweep'].wall / totals['sequential'].wall):.0f}% on wall time)")
     footer()
-    print(f"P1 | sweep / FullKV: {total:.2f}x (target <= 2.5x) {verdict(total, 2.5)} | naive re-prefill / FullKV: "
+    print(f"P1 | sweep / FullKV: {total:.2f}x (target <= 1.5x) {verdict(total, 1.5)} | decode {engine.decode} | "
+          f"naive re-prefill / FullKV: "
           f"{naive_total.get() / totals['fullkv'].get():.1f}x | {CLOCK['name']} time, {len(items)} prompts x "
           f"{args.repeats} repeats, {len(sweep)} plans")
 
@@ -433,7 +437,8 @@ def kvbench_side(engine: Any, item: Item, methods: list[str], compression_ratios
     kept = []
     for plan, gen, recorded in zip(plans, run.generations, recorders):
         indices = getattr(gen, "kept_indices", None) or recorded
-        kept.append([[sorted(head) for head in layer.tolist()] for layer in indices])
+        kept.append([[sorted(head.tolist()) for head in (layer.rows() if hasattr(layer, "rows") else layer)]
+                     for layer in indices])
         del plan.method.select  # drop the recorder: back to the class's select
     return clock, run, plans, kept
 
@@ -490,7 +495,7 @@ def p3(args: argparse.Namespace) -> None:
     loaded = load_model(args)
     header("P3 kvpress 0.5.5 side-by-side", args)
     items = pick_items(loaded, args)
-    engine = engine_for(loaded, args.lockstep)
+    engine = engine_for(loaded, args.decode)
     model_dir = models.weights_location(loaded.spec)[0]
     worker = KvpressWorker(Path(model_dir), torch.get_num_threads())
     print(f"   kvpress worker: {worker.info}")
@@ -561,50 +566,32 @@ def p3(args: argparse.Namespace) -> None:
 
 
 # ---- P4: cache bytes and decode speed vs ratio -----------------------------------------------------------------
-def allocated_bytes(cache: Any) -> int:
-    """Bytes the cache's layers really hold at the end of decoding: the preallocated buffers where a layer
-    has them (kvbench.engine.GrowingLayer), else the key/value tensors."""
-    total = 0
-    for layer in cache.layers:
-        buffers = getattr(layer, "_buffers", None)
-        tensors = buffers if buffers is not None else (layer.keys, layer.values)
-        total += sum(t.numel() * t.element_size() for t in tensors)
-    return total
-
-
 def p4(args: argparse.Namespace) -> None:
     import kvbench.engine as engine_module
 
     loaded = load_model(args)
     header("P4 memory and decode speed vs ratio", args)
     items = pick_items(loaded, args)
-    engine = engine_for(loaded, 1)  # one plan at a time: each plan's tokens/s is its own
+    engine = engine_for(loaded, "sequential")  # one plan at a time: each plan's tokens/s is its own
     ratios = sorted(args.ratios)
     plans = make_plans(args.method, [r for r in ratios if r < 1]) + fullkv_plans()
     labels = [p.budget.label for p in plans]
-    # Time every decode forward (q_len 1) and keep each plan's cache object, to measure what it really holds.
+    # Time every decode forward (q_len 1) of the plan being decoded (sequential: one decode_group per plan).
     current: dict[str, Any] = {"label": None}
     stamps: dict[str, list[Clock]] = {}
-    caches: dict[str, Any] = {}
-    original_make_cache, original_generate = engine_module.make_cache, engine.__class__._generate
+    original_group = engine_module.decode_group
 
-    def make_cache(*a: Any, **k: Any) -> Any:
-        cache = original_make_cache(*a, **k)
-        caches[current["label"]] = cache
-        return cache
-
-    def generate(self: Any, plan: Any, *a: Any, **k: Any) -> Any:
-        current["label"] = plan.budget.label
-        stamps[plan.budget.label] = []
-        return original_generate(self, plan, *a, **k)
+    def decode_group(model: Any, runs: list, *a: Any, **k: Any) -> Any:
+        current["label"] = runs[0].plan.budget.label
+        stamps[current["label"]] = []
+        return original_group(model, runs, *a, **k)
 
     def pre_hook(module: Any, inputs: Any, kwargs: Any) -> None:
         ids = kwargs.get("input_ids", inputs[0] if inputs else None)
         if ids is not None and ids.shape[1] == 1 and current["label"] is not None:
             stamps[current["label"]].append(Clock.now())
 
-    engine_module.make_cache = make_cache
-    engine.__class__._generate = generate
+    engine_module.decode_group = decode_group
     hook = loaded.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     speed: dict[str, list[float]] = {label: [] for label in labels}
     bytes_ratio: dict[str, list[float]] = {label: [] for label in labels}
@@ -621,16 +608,16 @@ def p4(args: argparse.Namespace) -> None:
                     ts = stamps[label]
                     speed[label].append((len(ts) - 1) / (ts[-1] - ts[0]).get())  # forward start to start
                     bytes_ratio[label].append(gen.cache_bytes / gen.full_cache_bytes)
-                    alloc_ratio[label].append(allocated_bytes(caches[label]) / gen.full_cache_bytes)
+                    alloc_ratio[label].append(gen.cache_bytes_allocated / gen.full_cache_bytes)
                 print(f"   rep {rep} {item.label}: " + ", ".join(
                     f"{label} {speed[label][-1]:.1f} tok/s" for label in labels), flush=True)
     finally:
         hook.remove()
-        engine_module.make_cache = original_make_cache
-        engine.__class__._generate = original_generate
+        engine_module.decode_group = original_group
     full_speed = med(speed["full"])
     worst = 0.0
-    print(f"   {'ratio':>6} | {'bytes/full':>10} | {'off by':>7} | {'allocated/full':>14} | {'tok/s':>6} | vs FullKV")
+    print(f"   {'ratio':>6} | {'bytes/full':>10} | {'off by':>7} | {'allocated/full (with room for the answer)':>14} | "
+          f"{'tok/s':>6} | vs FullKV")
     for plan in plans:
         label = plan.budget.label
         r = plan.budget.ratio
@@ -677,8 +664,74 @@ def p5(args: argparse.Namespace) -> None:
           f"{100 * overhead('h2o', 'wall'):+.1f}%")
     footer()
     print(f"P5 | prefill with window observers / without: {1 + window:.3f}x, overhead {100 * window:+.1f}% "
-          f"(target <= 5%) {verdict(window, 0.05)} | H2O column sums: {100 * h2o:+.1f}% (reported separately) | "
+          f"(target <= 5%) {verdict(window, 0.05)} | H2O column sums: {100 * h2o:+.1f}% (target <= 20%) "
+          f"{verdict(h2o, 0.20)} | "
           f"{CLOCK['name']} time, {len(items)} prompts x {args.repeats} repeats")
+
+
+# ---- P6: what batching does to the numbers ---------------------------------------------------------------------
+def every_method_plans(ratios: list[float]) -> list:
+    from kvbench import methods
+
+    names = list(methods.METHODS.names()) + [p for p in methods.presets() if p not in methods.METHODS]
+    return make_plans(",".join(names), ratios)
+
+
+def p6(args: argparse.Namespace) -> None:
+    """Every registered method and preset x the ratios, on every prompt, decoded one plan at a time and batched:
+    the fraction of identical predictions and the largest difference between the logits of the first decode
+    forward (the second generated token; the first comes from the shared prefill)."""
+    loaded = load_model(args)
+    header("P6 batched vs sequential decoding", args)
+    items = pick_items(loaded, args)
+    plans = every_method_plans(args.ratios)
+    print(f"   {len(plans)} plans per prompt (every method and preset x {args.ratios}, plus FullKV)", flush=True)
+    engines = {mode: engine_for(loaded, mode) for mode in ("sequential", "batched")}
+    first_forward: dict[tuple[str, str], torch.Tensor] = {}
+
+    def recorder(mode: str) -> Callable[..., None]:
+        def record(plan: Any, step: int, logits: torch.Tensor) -> None:
+            if step == 1:  # the logits of the first decode forward
+                first_forward[(mode, f"{plan.label}@{plan.budget.label}")] = logits.detach().float().cpu()
+        return record
+
+    for mode, engine in engines.items():
+        engine.on_logits = recorder(mode)
+    same = total = 0
+    worst = 0.0
+    differing: list[str] = []
+    dumped: list[dict] = []
+    seconds = {mode: Clock() for mode in engines}
+    for item in items:
+        gens = {}
+        for mode, engine in engines.items():
+            secs, run = timed(lambda: engine.run(item.prompt, plans, "full", item.sample_id))
+            seconds[mode] += secs
+            gens[mode] = run.generations
+        for a, b in zip(gens["sequential"], gens["batched"]):
+            key = f"{a.plan.label}@{a.plan.budget.label}"
+            total += 1
+            if a.token_ids == b.token_ids:
+                same += 1
+            else:
+                differing.append(f"{item.label} {key}")
+            dumped.append({"prompt": item.label, "plan": key, "sequential": list(a.token_ids),
+                           "batched": list(b.token_ids)})
+            x, y = first_forward.get(("sequential", key)), first_forward.get(("batched", key))
+            if x is not None and y is not None:
+                worst = max(worst, float((x - y).abs().max()))
+        print(f"   {item.label}: {sum(a.token_ids == b.token_ids for a, b in zip(gens['sequential'], gens['batched']))}"
+              f" of {len(plans)} predictions identical; sequential {seconds['sequential']}, batched "
+              f"{seconds['batched']} (cumulative)", flush=True)
+    for line in differing:
+        print(f"   differs: {line}")
+    if args.dump:
+        args.dump.write_text("".join(json.dumps(row) + "\n" for row in dumped))
+        print(f"   wrote every prediction's token ids to {args.dump}")
+    footer()
+    print(f"P6 | identical predictions batched vs sequential: {same}/{total} ({100 * same / total:.1f}%) | largest "
+          f"first-decode-step logit difference {worst:.2e} | batched / sequential time "
+          f"{seconds['batched'].get() / seconds['sequential'].get():.2f}x | {CLOCK['name']} time, {len(items)} prompts")
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
@@ -688,7 +741,7 @@ def ratio_list(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["P1", "P2", "P3", "P4", "P5"])
+    parser.add_argument("bench", choices=["P1", "P2", "P3", "P4", "P5", "P6"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
@@ -710,19 +763,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parity-prompts", type=int, default=2, help="P3 (a)")
     parser.add_argument("--sweep-ratios", type=ratio_list, default=[0.25, 0.5], help="P3 (b), kept fractions")
     parser.add_argument("--parity-only", action="store_true", help="P3: part (a) only")
-    parser.add_argument("--lockstep", type=int, default=None, help="P1/P3: Engine.lockstep (default: the engine's)")
+    parser.add_argument("--decode", choices=["batched", "sequential"], default=None,
+                        help="P1/P3: the engine's decode mode (default: the engine's)")
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="what the ratios use: this process's CPU time or wall time (auto: CPU time with one "
                              "torch thread, where it is the work itself and immune to other processes' load)")
+    parser.add_argument("--dump", type=Path, default=None, help="P6: write every prediction's token ids (jsonl)")
     parser.add_argument("--also-sequential", action="store_true",
-                        help="P1: also time the sweep with plans decoded one after another (lockstep 1)")
+                        help="P1: also time the sweep with plans decoded one after another (--decode sequential)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     CLOCK["name"] = args.clock if args.clock != "auto" else ("cpu" if torch.get_num_threads() == 1 else "wall")
     if args.ratios is None:
-        args.ratios = [0.1, 0.2, 0.3] if args.bench == "P1" else [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
-    {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5}[args.bench](args)
+        args.ratios = {"P1": [0.1, 0.2, 0.3], "P6": [0.1, 0.3]}.get(args.bench, [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0])
+    {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6}[args.bench](args)
 
 
 if __name__ == "__main__":

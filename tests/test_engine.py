@@ -170,3 +170,22 @@ def test_smollm2_fullkv_equals_hf_generate(smollm2, shared_longbench):
         torch.set_num_threads(1)
     assert got == want
     assert len(got) >= 2
+
+
+@pytest.mark.parametrize("penalty", [1.3, 2.0])
+def test_repetition_penalty_equals_hf_generate(tiny_llama, tiny_tokenizer, penalty):
+    """The engine applies the generation config's repetition penalty as HF's RepetitionPenaltyLogitsProcessor
+    (LongBench's pred.py decodes Qwen2-Instruct with 1.05), in both decode modes."""
+    ids = random_ids(N_PROMPT, seed=2)
+    with attention_impl(tiny_llama, "sdpa"), torch.inference_mode():
+        out = tiny_llama.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=N_NEW, do_sample=False, repetition_penalty=penalty,
+                                  min_new_tokens=1, pad_token_id=EOS_ID, eos_token_id=[EOS_ID])
+    want = out[0, len(ids):].tolist()
+    plain = engine_tokens(tiny_llama, tiny_tokenizer, make_prompt(ids, N_NEW, {EOS_ID}))
+    assert want != plain, "the penalty changed nothing: the check would be vacuous"
+    for mode in ("sequential", "batched"):
+        plans = [fullkv_plan(), Plan("snapkv", build("snapkv").method, Budget(ratio=0.5))]
+        run = Engine(tiny_llama, tiny_tokenizer, repetition_penalty=penalty, decode=mode).run(
+            make_prompt(ids, N_NEW, {EOS_ID}), plans)
+        assert run.generations[0].token_ids == want

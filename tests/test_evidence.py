@@ -169,9 +169,9 @@ def test_engine_records_kept_indices(tiny_llama, tiny_tokenizer):
     assert full.kept_indices is None
     assert len(snap.kept_indices) == tiny_llama.config.num_hidden_layers
     for layer, k in zip(snap.kept_indices, snap.kept_per_layer):
-        assert layer.dtype == torch.int32 and layer.device.type == "cpu"
-        assert layer.shape == (tiny_llama.config.num_key_value_heads, k) == (2, 10)
-        assert set(range(32, 40)) <= set(layer[0].tolist())  # SnapKV keeps its 8-token observation window
+        assert layer.indices.device.type == "cpu" and layer.is_uniform
+        assert layer.indices.shape == (tiny_llama.config.num_key_value_heads, k) == (2, 10)
+        assert set(range(32, 40)) <= set(layer.indices[0].tolist())  # SnapKV keeps its 8-token observation window
 
 
 def test_run_rows_carry_evidence_and_overlap(tiny_model_dir, tmp_path):

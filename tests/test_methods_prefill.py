@@ -18,6 +18,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 from kvbench.engine import attention
 from kvbench.errors import InputError
 from kvbench.engine import Engine, Plan, PrefillObserver, cache_layers, make_cache, sample_seed
+from kvbench.engine.compress import compress
 from kvbench.methods import build
 from kvbench.methods.base import Budget, LayerView, SelectContext
 from kvbench.methods.chunkkv import ChunkKV
@@ -389,6 +390,78 @@ def test_column_sums_blocked_match_dense_reference(h_q, h_kv, tq):
     torch.testing.assert_close(got.sum(dim=1), torch.full((h_q,), float(tq)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("h_q,h_kv", GQA)
+def test_column_sums_from_kernel_lse_match_dense_reference(h_q, h_kv):
+    """The fast path: rows exp(logits - lse) with the attention kernel's own log-sum-exp (kvbench.engine.attention
+    gets it from the CPU flash kernel) equal the dense float64 softmax sums to float32 rounding."""
+    t = 300  # several 128-query blocks, the last one partial
+    view = rand_view(h_q, h_kv, t, seed=h_q + 11)
+    g = h_q // h_kv
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        view.query[None], view.keys[None], view.values[None], 0.0, True, scale=view.scaling)
+    fast = LayerView(0, 1, view.query, view.keys, view.values, view.scaling, lse=lse[0])
+    logits = torch.einsum("hqd,hkd->hqk", view.query.double(), view.keys.double().repeat_interleave(g, 0))
+    logits = (logits * view.scaling).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.softmax(logits, dim=-1).sum(dim=1)
+    torch.testing.assert_close(fast.column_sums().double(), ref, rtol=1e-5, atol=1e-5)
+    # a wrong normaliser is caught: the check is not vacuous
+    off = LayerView(0, 1, view.query, view.keys, view.values, view.scaling, lse=lse[0] + 0.01)
+    assert not torch.allclose(off.column_sums().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_with_column_sums_keeps_the_model_output_bit_identical(tiny_llama):
+    """H2O's observer asks the attention kernel for its log-sum-exp; the prefill's logits and cache must be
+    exactly those of a prefill without any observer, so FullKV rows do not depend on the sweep's methods."""
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for methods in ([], [build("h2o_prefill").method]):
+        observer = PrefillObserver(methods, 2)
+        cache = DynamicCache(config=tiny_llama.config)
+        with torch.inference_mode(), attention.observing(observer):
+            logits = tiny_llama(input_ids=ids, position_ids=torch.arange(200)[None], past_key_values=cache).logits
+        outs.append((logits, [(k.clone(), v.clone()) for k, v in cache_layers(cache)], observer))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(outs[0][1], outs[1][1]))
+    assert attention._FLASH_MATCHES  # the fused path was probed (and, on this CPU, used)
+    assert len(outs[1][2].scores[("h2o-prefill-colsum", 8, "mean")]) == 2
+
+
+@pytest.mark.parametrize("chunk", [64, 100])
+def test_chunked_prefill_scores_match_unchunked(tiny_llama, chunk):
+    """--prefill-chunk: the cache equals an unchunked prefill's to float32 rounding, window scorers see the last
+    window of queries across chunk boundaries, H2O's column sums accumulate over chunks."""
+    from kvbench.engine.prefill import prefill
+
+    ids = torch.randint(0, 256, (1, 230), generator=torch.Generator().manual_seed(6))
+    names = ["snapkv", "snapkv_kvpress", "h2o_prefill", "tova", "scissorhands"]
+    results = []
+    for size in (0, chunk):
+        observer = PrefillObserver([build(n).method for n in names], 2, chunked=size > 0)
+        with torch.inference_mode():
+            cache, out = prefill(tiny_llama, ids, observer, size)
+        results.append((cache_layers(cache), observer.scores, out.logits[0, -1]))
+    (full_a, scores_a, logits_a), (full_b, scores_b, logits_b) = results
+    for (ka, va), (kb, vb) in zip(full_a, full_b):
+        torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-4)
+    assert scores_a.keys() == scores_b.keys()
+    for key in scores_a:
+        for layer in (0, 1):
+            a, b = scores_a[key][layer], scores_b[key][layer]
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_prefill_refuses_methods_that_need_every_query():
+    class AllQueries(H2OPrefill):
+        def prefill_needs(self) -> frozenset[str]:
+            return frozenset({"all_queries"})
+
+    with pytest.raises(InputError, match="--prefill-chunk"):
+        PrefillObserver([AllQueries()], 2, chunked=True)
+    PrefillObserver([AllQueries()], 2, chunked=False)  # fine without chunking
+
+
 # ---- Random ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("share", ["layer_shared", "per_head"])
 def test_random_matches_documented_draw(share):
@@ -543,12 +616,12 @@ def test_e2e_pyramid_uneven_cache_decodes_with_true_positions(e2e):
     prompt = e2e_prompt()
     ids = torch.tensor([prompt.ids])
     plan = Plan("pyramidkv", build("pyramidkv").method, Budget(ratio=0.1))
-    engine = Engine(model, StubTokenizer())
     observer = PrefillObserver([plan.method], 4)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), attention.observing(observer):
         first = model(input_ids=ids, position_ids=torch.arange(T_E2E)[None], past_key_values=cache).logits[0, -1]
-    layers, _ = engine._compress(plan, cache_layers(cache), observer, sample_seed("s0", 0))
+    compressed = compress(model, plan, cache_layers(cache), observer.scores, sample_seed("s0", 0))
+    layers = [(kept.keys[None], kept.values[None]) for kept in compressed.layers]
     assert sorted({k.shape[2] for k, _ in layers}) == [11, 49, 87, 125]
 
     new = torch.tensor([[5, 17, 99, 3, 64]])

@@ -71,6 +71,7 @@ class ChunkKV(SnapKV):
     chunk_agg: str = "sum"  # sum (paper) | mean (kvpress, over the chunk's actual length)
     per_head: bool = False  # False: one chunk set per layer, scores summed over KV heads (kvpress)
     reuse_layers: int = 1  # N_reuse: 1 = off; 2 = paper's layer-wise index reuse
+    ranked = False  # keeps whole chunks, not the top of SnapKV's per-token ranking
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +81,9 @@ class ChunkKV(SnapKV):
             raise InputError(f"chunkkv: chunk_agg must be sum or mean, got '{self.chunk_agg}'")
         if self.reuse_layers < 1:
             raise InputError(f"chunkkv: reuse_layers must be >= 1, got {self.reuse_layers}")
+
+    def query_head_selection(self) -> bool:
+        return self.per_head  # layer-shared chunks (the default) are the same for every head
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         device = ctx.keys.device

@@ -67,10 +67,13 @@ class H2ODecoder(LayerDecoder):
 @dataclass
 class H2O(Method):
     name: ClassVar[str] = "h2o"
+    family: ClassVar[str] = "accumulated attention"
+    query_aware: ClassVar[bool] = True
     source: ClassVar[str] = (
         "Zhang et al. 2023 (arXiv 2306.14048); FMInference/H2O@ac75c2a h2o_hf/utils_real_drop H2OKVCache_LayerWise"
     )
     continuous: ClassVar[bool] = True
+    version: ClassVar[int] = 2  # 2: prompt column sums from the attention kernel's log-sum-exp (float32 rounding)
     gqa_reduce: str = "sum"
     heavy_fraction: float = 0.5
 
@@ -82,6 +85,9 @@ class H2O(Method):
     def split(self, budget: int) -> tuple[int, int]:
         heavy = int(budget * self.heavy_fraction)
         return heavy, budget - heavy
+
+    def prefill_needs(self) -> frozenset[str]:
+        return frozenset({"column_sums"})
 
     def scorer_key(self) -> tuple | None:
         return ("h2o_column_sums",)

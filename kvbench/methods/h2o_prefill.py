@@ -26,6 +26,7 @@ import torch
 
 from kvbench.errors import InputError
 from kvbench.methods.base import (
+    HeadRanking,
     LayerView,
     Method,
     SelectContext,
@@ -60,10 +61,14 @@ def noncausal_column_sums(view: LayerView, window: int, block: int = 512) -> tor
 @dataclass
 class H2OPrefill(Method):
     name = "h2o_prefill"
+    family = "accumulated attention"
+    query_aware = True
+    ranked = True
     source = (
         "Zhang et al. 2023, H2O, arXiv 2306.14048; prefill-once as KVCache-Factory H2OKVCluster (w=8, no pooling) "
         "with its causal-mask fix (commit 9f9aa2e); causal=false: the pre-fix scores (ffac160 L544-554)"
     )
+    version = 2  # 2: column sums from the attention kernel's log-sum-exp (equal to version 1's to float32 rounding)
     added_params: ClassVar[dict[str, Any]] = {"causal": True}
 
     window_size: int = 8  # last w tokens always kept, excluded from the ranking (named as in the official code)
@@ -76,6 +81,10 @@ class H2OPrefill(Method):
 
     def window(self) -> int:
         return 0 if self.causal else self.window_size
+
+    def prefill_needs(self) -> frozenset[str]:
+        # the pre-fix scores read every query against every key, future ones included: no chunked prefill
+        return frozenset({"column_sums"} if self.causal else {"all_queries"})
 
     def scorer_key(self) -> tuple:
         if self.causal:
@@ -96,3 +105,6 @@ class H2OPrefill(Method):
             return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
         scores = checked_scores(ctx, self.name)
         return with_window(topk_sorted(scores, selected), ctx.n_tokens, w)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking:
+        return HeadRanking.with_window(checked_scores(ctx, self.name), ctx.n_tokens, ctx.kept)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import InputError
-from kvbench.methods.base import Method, SelectContext, full_indices, topk_sorted
+from kvbench.methods.base import HeadRanking, Method, SelectContext, full_indices, topk_sorted
 
 
 @dataclass
 class KNorm(Method):
     name = "knorm"
+    family = "key/value geometry"
+    ranked = True
     source = (
         "Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, "
         "arXiv 2406.11430; selection as KVCache-Factory L2NormCluster / kvpress KnormPress"
@@ -32,8 +34,17 @@ class KNorm(Method):
         if any(layer < 0 for layer in self.skip_layers):
             raise InputError(f"knorm: skip_layers must be layer indices >= 0, got {self.skip_layers}")
 
+    def query_head_selection(self) -> bool:
+        return False  # scored from the keys alone: a group's query heads would keep identical sets
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if ctx.n_tokens <= ctx.kept or ctx.layer in self.skip_layers:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)
         norms = ctx.keys.float().norm(dim=-1)  # [H_kv, T]
         return topk_sorted(-norms, ctx.kept)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking | None:
+        if ctx.layer in self.skip_layers:
+            return None
+        norms = ctx.keys.float().norm(dim=-1)
+        return HeadRanking(-norms, torch.zeros(ctx.n_tokens, dtype=torch.bool, device=norms.device), ctx.kept)

@@ -30,6 +30,7 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 @dataclass
 class RandomKeep(Method):
     name = "random"
+    family = "control"
     source = "uniform random retention with the last token kept (methods.md §2.9, ours; kvpress RandomPress per head)"
 
     share: str = "layer_shared"  # layer_shared | per_head
@@ -38,6 +39,9 @@ class RandomKeep(Method):
         super().__post_init__()
         if self.share not in SHARE:
             raise InputError(f"random: share must be layer_shared or per_head, got '{self.share}'")
+
+    def query_head_selection(self) -> bool:
+        return self.share == "per_head"  # layer_shared: one draw for every head
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         device = ctx.keys.device

@@ -133,6 +133,8 @@ class ScissorhandsDecoder(LayerDecoder):
 @dataclass
 class Scissorhands(Method):
     name: ClassVar[str] = "scissorhands"
+    family: ClassVar[str] = "accumulated attention"
+    query_aware: ClassVar[bool] = True
     source: ClassVar[str] = (
         "Liu et al. 2023 (arXiv 2305.17118): default rule ours (w_h, r, m, 1/visible threshold); "
         "threshold=quantile: the authors' event rule, lzcemma/Scissorhands hf_opt_dropkv.py"

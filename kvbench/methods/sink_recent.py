@@ -44,6 +44,7 @@ class PositionalDecoder(LayerDecoder):
 @dataclass
 class SinkRecent(Method):
     name: ClassVar[str] = "sink_recent"
+    family: ClassVar[str] = "positional"
     source: ClassVar[str] = "StreamingLLM's sink+recent rule with generic s (Xiao et al. 2024); methods.md §2.11"
     continuous: ClassVar[bool] = False  # per instance: True in online mode (set in __post_init__)
     sinks: int = 4
@@ -57,6 +58,9 @@ class SinkRecent(Method):
             raise InputError(f"{self.name}: sinks must be >= 0, got {self.sinks}")
         # The engine only asks continuous methods for a decoder: online mode is the continuous one.
         object.__setattr__(self, "continuous", self.mode == "online")
+
+    def query_head_selection(self) -> bool:
+        return False  # positional: every head keeps the same positions
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return sink_recent_indices(ctx.n_tokens, ctx.kept, self.sinks, ctx.n_kv_heads, ctx.keys.device)

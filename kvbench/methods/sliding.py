@@ -19,6 +19,7 @@ from kvbench.methods.sink_recent import MODES, PositionalDecoder, sink_recent_in
 @dataclass
 class Sliding(Method):
     name: ClassVar[str] = "sliding"
+    family: ClassVar[str] = "positional"
     source: ClassVar[str] = "H2O's Local baseline / StreamingLLM's window attention; methods.md §2.10"
     continuous: ClassVar[bool] = False  # per instance: True in online mode (set in __post_init__)
     mode: str = "prefill"
@@ -28,6 +29,9 @@ class Sliding(Method):
         if self.mode not in MODES:
             raise InputError(f"{self.name}: mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         object.__setattr__(self, "continuous", self.mode == "online")
+
+    def query_head_selection(self) -> bool:
+        return False  # positional: every head keeps the same positions
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return sink_recent_indices(ctx.n_tokens, ctx.kept, 0, ctx.n_kv_heads, ctx.keys.device)

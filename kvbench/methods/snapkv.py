@@ -23,6 +23,7 @@ import torch
 
 from kvbench.errors import InputError
 from kvbench.methods.base import (
+    HeadRanking,
     LayerView,
     Method,
     SelectContext,
@@ -62,6 +63,9 @@ def checked_scores(ctx: SelectContext, method: str) -> torch.Tensor:
 @dataclass
 class SnapKV(Method):
     name = "snapkv"
+    family = "window attention"
+    query_aware = True
+    ranked = True
     source = (
         "Li et al. 2024, SnapKV, arXiv 2404.14469; scoring as FasterDecoding/SnapKV snapkv_utils.py, "
         "defaults w=8 k=7 maxpool as KVCache-Factory run_longbench.py, GQA as its kv_head granularity"
@@ -104,3 +108,7 @@ class SnapKV(Method):
             return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
         scores = checked_scores(ctx, self.name)
         return with_window(topk_sorted(scores, self.prefix_budget(ctx)), ctx.n_tokens, w)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking:
+        return HeadRanking.with_window(checked_scores(ctx, self.name), ctx.n_tokens,
+                                       self.prefix_budget(ctx) + self.window_size)

@@ -43,6 +43,8 @@ class TOVADecoder(LayerDecoder):
 @dataclass
 class TOVA(Method):
     name: ClassVar[str] = "tova"
+    family: ClassVar[str] = "window attention"
+    query_aware: ClassVar[bool] = True
     source: ClassVar[str] = "Oren et al. 2024 (arXiv 2401.06104); schwartz-lab-NLP/TOVA@9c7d09b src/tova_cache.py"
     continuous: ClassVar[bool] = True
 
@@ -54,6 +56,9 @@ class TOVA(Method):
 
     def score(self, view: LayerView) -> torch.Tensor | None:
         return view.last_row().mean(dim=0)  # [T]
+
+    def query_head_selection(self) -> bool:
+        return False  # one set per layer, from the mean over every query head
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if ctx.n_tokens <= ctx.kept:

@@ -37,6 +37,9 @@ def _pyplot() -> Any:
     return plt
 
 
+pyplot = _pyplot  # public name: kvbench.studies.sensitivity draws its figures through the same import rule
+
+
 def budget_ratio(label: str) -> float | None:
     if label == "full":
         return 1.0

@@ -67,7 +67,13 @@ DISPLAY = {
 
 
 def display(method: str) -> str:
-    return DISPLAY.get(method, method)
+    """A method label for tables: `snapkv` -> SnapKV; an ablation `snapkv(kernel_size=5)` (a run with
+    --method-arg) -> SnapKV (kernel_size=5); `snapkv_official(window_size=16)` -> SnapKV (official, window_size=16)."""
+    name, paren, args = method.partition("(")
+    if not paren or not args.endswith(")"):
+        return DISPLAY.get(method, method)
+    base = DISPLAY.get(name, name)
+    return f"{base[:-1]}, {args}" if base.endswith(")") else f"{base} ({args}"
 
 
 def budget_title(label: str) -> str:
