@@ -67,14 +67,16 @@ class RunOptions:
 def recipe_options(name: str, overrides: "Overrides", base: RunOptions) -> RunOptions:
     """`kvbench run --recipe NAME`: the recipe's model, methods, budget, tasks, data, scope, granularity and
     truncation, with `overrides` applied, on top of `base`, which keeps what a recipe leaves alone (results,
-    device, dtype, shards, decoding, ...); an explicit --data wins over the recipe's."""
+    device, dtype, shards, decoding, ...); an explicit --data wins over the recipe's, and --data-dir replaces
+    it (the recipe's hub data is what a local copy stands in for)."""
     from kvbench.studies import recipes
 
     plan = recipes.load(name).expand(overrides)
+    data_source = base.data if base.data != "auto" else ("auto" if plan.data_dir is not None else plan.data)
     return dataclasses.replace(
         base, model=plan.model, method=plan.method, ratios=plan.ratios, budget=plan.budget, tasks=plan.tasks,
-        data=plan.data if base.data == "auto" else base.data, data_dir=plan.data_dir, limit=plan.limit,
-        scope=plan.scope, max_length=plan.max_length, recipe=plan.stamp,
+        data=data_source, data_dir=plan.data_dir, limit=plan.limit,
+        scope=plan.scope, granularity=plan.granularity, max_length=plan.max_length, recipe=plan.stamp,
     )
 
 

@@ -48,12 +48,16 @@ def test_table17_expands_to_exactly_its_rows_with_the_documented_variants():
     plan = recipe.expand(Overrides())
     assert (plan.model, plan.tasks, plan.ratios, plan.budget) == ("qwen2-7b", ",".join(TABLE17_TASKS), [0.1], None)
     assert (plan.scope, plan.max_length, plan.data, plan.limit, plan.data_dir) == ("full", 31500, "hub", None, None)
-    assert plan.stamp["overrides"] == {} and "query head" in plan.stamp["deviations"][0]
+    assert plan.granularity == "query_head" and plan.stamp == {"name": "chunkkv-table17", "overrides": {}}
     opts = runner.recipe_options("chunkkv-table17", Overrides(), runner.RunOptions())
+    assert opts.granularity == "query_head"
     plans = runner.build_plans(opts)
-    assert [(p.label, p.budget.label) for p in plans] == [
-        ("fullkv", "full"), ("streamingllm_prefill", "r0.1"), ("h2o_factory_2024", "r0.1"), ("snapkv", "r0.1"),
-        ("pyramidkv", "r0.1"), ("chunkkv_paper", "r0.1"),
+    # KVCache-Factory's query-head selection where a method's query heads can differ; positional StreamingLLM
+    # and ChunkKV's layer-shared chunks keep one set per KV head (the same output), FullKV compresses nothing
+    assert [(p.label, p.budget.label, p.granularity) for p in plans] == [
+        ("fullkv", "full", "kv_head"), ("streamingllm_prefill", "r0.1", "kv_head"),
+        ("h2o_factory_2024", "r0.1", "query_head"), ("snapkv", "r0.1", "query_head"),
+        ("pyramidkv", "r0.1", "query_head"), ("chunkkv_paper", "r0.1", "kv_head"),
     ]
     by = {p.label: p.method for p in plans}
     assert (by["streamingllm_prefill"].mode, by["streamingllm_prefill"].position_mode) == ("prefill", "original")
@@ -131,16 +135,24 @@ def test_malformed_recipes_are_refused_with_the_field(bad, message):
 
 
 # ---- side by side --------------------------------------------------------------------------------------------
-def fake_rows(model: str, per_method: dict[str, list[float]], recipe_stamp: dict | None = None) -> list[dict]:
-    """Stored-row look-alikes: for each method, one row per task and sample score (two samples per task)."""
+# the granularity each Table 17 row runs at (test_table17_expands_to_exactly_its_rows_with_the_documented_variants)
+TABLE17_GRANULARITY = {"fullkv": "kv_head", "streamingllm_prefill": "kv_head", "h2o_factory_2024": "query_head",
+                       "snapkv": "query_head", "pyramidkv": "query_head", "chunkkv_paper": "kv_head"}
+
+
+def fake_rows(model: str, per_method: dict[str, list[float]], recipe_stamp: dict | None = None,
+              granularity: str | None = None) -> list[dict]:
+    """Stored-row look-alikes: for each method, one row per task and sample score (two samples per task), at
+    the granularity Table 17 runs it at unless `granularity` says otherwise."""
     rows = []
     for method, values in per_method.items():
         budget = "full" if method == "fullkv" else "r0.1"
+        grain = granularity or TABLE17_GRANULARITY.get(method, "kv_head")
         for task in TABLE17_TASKS:
             for i, value in enumerate(values):
                 row = {"_id": f"{task}-{i}", "task": task, "model": model, "method": method, "method_base": method,
-                       "budget": budget, "score": value, "length": 100 + i, "protocol_fp": "p0",
-                       "task_fp": f"t-{task}", "config_fp": f"c-{method}-{task}"}
+                       "budget": budget, "score": value, "length": 100 + i, "protocol_fp": "p0", "scope": "full",
+                       "granularity": grain, "task_fp": f"t-{task}", "config_fp": f"c-{method}-{task}-{grain}"}
                 if recipe_stamp is not None:
                     row["recipe"] = recipe_stamp
                 rows.append(row)
@@ -152,6 +164,7 @@ def test_side_by_side_cells_averages_and_the_flagged_row():
     stamp = recipe.expand(Overrides(model="tiny", limit=2)).stamp
     rows = fake_rows("tiny", {"fullkv": [0.5, 1.0], "snapkv": [0.25, 0.5], "pyramidkv": [0.0, 0.2]}, stamp)
     rows += fake_rows("tiny", {"chunkkv": [1.0, 1.0]})  # not a method of the recipe: left out
+    rows += fake_rows("tiny", {"snapkv": [1.0, 1.0]}, granularity="kv_head")  # not the recipe's granularity: left out
     result = recipes.side_by_side(recipe, rows)
     assert result.model == "tiny"
     full, slm, pyramid = result.comparisons[0], result.comparisons[1], result.comparisons[4]
@@ -166,7 +179,8 @@ def test_side_by_side_cells_averages_and_the_flagged_row():
     text = recipes.render(result, "md")
     assert "* PyramidKV: the paper prints Avg 36.55 but its task scores average 36.66 (36.55 is the H2O row" in text
     assert "Overridden from the recipe: limit=2, model=tiny." in text
-    assert "the recipe's model is qwen2-7b" in text and "kvbench runs kv_head" in text
+    assert "the recipe's model is qwen2-7b" in text
+    assert "Granularity: query_head; streamingllm_prefill, chunkkv_paper keep one set per KV head" in text
     latex = recipes.render(result, "latex")
     assert latex.count(r" \\") == 7 and r"\begin{tabular}{llrrrrrr}" in latex  # header + the paper's six rows
     lines = recipes.render(result, "csv").splitlines()
@@ -188,6 +202,7 @@ def test_side_by_side_needs_rows_and_one_model():
     (["--method", "snapkv"], "--method cannot be combined with --recipe"),
     (["--ratio", "0.2"], "--ratio cannot be combined with --recipe"),
     (["--scope", "context"], "--scope cannot be combined with --recipe"),
+    (["--granularity", "kv_head"], "--granularity cannot be combined with --recipe"),
     (["--tasks", "multi_news"], "--tasks must name tasks of recipe"),
 ])
 def test_run_recipe_refuses_what_it_fixes(tmp_path, capsys, args, message):
@@ -212,10 +227,12 @@ def test_run_then_table_with_the_recipe(tmp_path, capsys, tiny_model_dir):
     rows = store.load_all_rows(results)
     assert sorted({r["method"] for r in rows}) == sorted(recipes.load("chunkkv-table17").methods)
     assert len(rows) == 6 * 2
+    assert {(r["method"], r["granularity"]) for r in rows} == set(TABLE17_GRANULARITY.items())
     assert rows[0]["recipe"]["overrides"] == {"model": str(tiny_model_dir), "tasks": ["multifieldqa_zh"], "limit": 2,
                                               "data_dir": str(data)}
     # The stamp is no part of the fingerprints: the same configuration without --recipe finds every row done.
     plain = ["run", "--model", str(tiny_model_dir), "--method", "fullkv,snapkv,chunkkv_paper", "--ratio", "0.1",
+             "--granularity", "query_head",
              "--tasks", "multifieldqa_zh", "--limit", "2", "--data-dir", str(data), "--results", str(results),
              "--device", "cpu"]
     code, _, err = cli(plain, capsys)

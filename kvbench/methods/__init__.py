@@ -112,7 +112,7 @@ def presets() -> dict[str, dict[str, Any]]:
 def check_presets(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     """The `presets:` table of a methods YAML (already parsed), every entry checked before any is used: a
     mapping of new names (a preset never hides a method) to a registered `method` plus fields of that method,
-    each of the field's type and accepted by the method. Errors name the file, the preset and the key."""
+    each of the field's type and accepted by the method, and optionally a `source` line. Errors name the file, the preset and the key."""
     table = data.get("presets")
     if table is None:
         return {}
@@ -137,6 +137,10 @@ def check_presets(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]
         params = {}
         for pkey, value in entry.items():
             if pkey == "method":
+                continue
+            if pkey == "source":  # what the preset follows, shown by `kvbench methods`; not a hyper-parameter
+                if not isinstance(value, str) or not value.strip():
+                    raise InputError(f"{where}, key 'source': expected a non-empty string, got {_kind(value)} {value!r}")
                 continue
             if pkey not in fields:
                 raise InputError(f"{where}: {cls.name} has no parameter '{pkey}'{did_you_mean(str(pkey), fields)}")

@@ -5,12 +5,13 @@ A recipe holds the paper's setting (model alias, tasks, ratio or budget, scope, 
 the assumptions it makes where the paper is silent (each with why), and one row per published method: the
 kvbench method or preset that reproduces it, the published task scores and Avg, and where they were read.
 
-`expand` turns a recipe into `kvbench run` options. `--model`, `--tasks` (a subset of the recipe's), `--limit`
-and `--data-dir` may override it; the overrides and the settings kvbench cannot honour yet (query-head
-granularity) go into every row's `recipe` field, which is no part of any fingerprint: the options it expands to
-are fingerprinted as for any run. `side_by_side` builds paper / ours / delta per cell from stored rows
-(through kvbench.results.report's table data), keeping the paper's printed Avg and flagging one that is not
-the mean of its own task scores."""
+`expand` turns a recipe into `kvbench run` options, its GQA granularity included (`--granularity query_head`
+where the source selected per query head, KVCache-Factory's default). `--model`, `--tasks` (a subset of the
+recipe's), `--limit` and `--data-dir` may override it; the overrides go into every row's `recipe` field, which
+is no part of any fingerprint: the options it expands to are fingerprinted as for any run. `side_by_side`
+builds paper / ours / delta per cell from stored rows of the recipe's configuration (through
+kvbench.results.report's table data), keeping the paper's printed Avg and flagging one that is not the mean of
+its own task scores."""
 
 from __future__ import annotations
 
@@ -21,17 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench import resources
+from kvbench import methods, resources
 from kvbench.data import load_task_specs
+from kvbench.engine.compress import GRANULARITIES, storage_granularity
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
 from kvbench.registry import did_you_mean
 from kvbench.results import report
 
-# Granularities kvbench can run. A recipe asking for another one runs at kv_head and says so (the query-head
-# option arrives with the 2025-methods issue; add "query_head" here when it does).
-RUNNABLE_GRANULARITIES = ("kv_head",)
-GRANULARITIES = ("kv_head", "query_head")
 SCOPES = ("full", "context")
 # A printed average may differ from the mean of the printed (rounded) scores by rounding: each score is off by
 # at most 0.005 and the printed average by another 0.005.
@@ -92,16 +90,11 @@ class Recipe:
     def methods(self) -> list[str]:
         return [row.method for row in self.rows]
 
-    @property
-    def run_granularity(self) -> str:
-        return self.granularity if self.granularity in RUNNABLE_GRANULARITIES else "kv_head"
-
-    def deviations(self) -> list[str]:
-        """Settings of the paper kvbench cannot honour yet, as the rows and the table state them."""
-        if self.granularity == self.run_granularity:
-            return []
-        return [f"granularity: the source selects per {self.granularity.replace('_', ' ')}; kvbench runs "
-                f"{self.run_granularity} (query-head granularity is not in kvbench yet)"]
+    def granularity_of(self, method: str) -> str:
+        """The granularity `method`'s rows run at under this recipe: the recipe's, except for methods whose
+        query heads cannot keep different tokens (positional, layer-shared, FullKV), which the engine runs at
+        kv_head (same output, 1/g of the memory; kvbench.engine.compress.storage_granularity)."""
+        return storage_granularity(methods.build(method).method, self.granularity)
 
     def expand(self, overrides: "Overrides") -> "Expansion":
         """The `kvbench run` options of this recipe, with the allowed overrides applied and recorded."""
@@ -122,7 +115,7 @@ class Recipe:
             given["limit"] = overrides.limit
         if overrides.data_dir is not None:
             given["data_dir"] = str(overrides.data_dir)
-        stamp = {"name": self.name, "overrides": given, "deviations": self.deviations()}
+        stamp = {"name": self.name, "overrides": given}
         return Expansion(
             model=model,
             method=",".join(self.methods),
@@ -133,6 +126,7 @@ class Recipe:
             data_dir=overrides.data_dir,
             limit=overrides.limit,
             scope=self.scope,
+            granularity=self.granularity,
             # the recipe's truncation belongs to its model; an overriding model keeps its own rule
             max_length=self.max_length if "model" not in given else None,
             stamp=stamp,
@@ -160,6 +154,7 @@ class Expansion:
     data_dir: Path | None
     limit: int | None
     scope: str
+    granularity: str
     max_length: int | None
     stamp: dict[str, Any]  # the rows' `recipe` field
 
@@ -239,7 +234,6 @@ def describe(recipe: Recipe, full: bool = False) -> str:
              f"max_length {recipe.max_length}",
              f"  tasks {', '.join(recipe.tasks)}",
              "  rows " + ", ".join(f"{r.paper} = {r.method}" for r in recipe.rows)]
-    lines += [f"  note: {d}" for d in recipe.deviations()]
     if full:
         lines += ["  the table states:"] + [f"    - {s}" for s in recipe.states]
         lines += ["  assumed where it is silent:"]
@@ -278,11 +272,15 @@ class SideBySide:
 
 
 def side_by_side(recipe: Recipe, rows: Sequence[dict[str, Any]], model: str | None = None) -> SideBySide:
-    """Our rows of this recipe's methods, tasks and budget (from any run, recipe-stamped or not: the method,
-    budget and task fingerprints say what ran) beside the paper's numbers."""
+    """Our rows of this recipe's methods, tasks, budget, scope and granularity (from any run, recipe-stamped or
+    not: the method, budget and task fingerprints say what ran) beside the paper's numbers. Rows written before
+    kvbench recorded a granularity are kv_head rows."""
     labels = {"full" if m == "fullkv" else recipe.kv_budget.label for m in recipe.methods}
+    granularity = {m: recipe.granularity_of(m) for m in recipe.methods}
     mine = [r for r in rows if r.get("method") in recipe.methods and r.get("task") in recipe.tasks
-            and r.get("budget") in labels and (r.get("method") == "fullkv") == (r.get("budget") == "full")]
+            and r.get("budget") in labels and (r.get("method") == "fullkv") == (r.get("budget") == "full")
+            and r.get("scope", "full") == recipe.scope
+            and r.get("granularity", "kv_head") == granularity[r["method"]]]
     model = model or _pick_model(recipe, mine)
     mine = [r for r in mine if r.get("model") == model]
     if not mine:
@@ -330,7 +328,7 @@ def _notes(recipe: Recipe, rows: Sequence[dict[str, Any]], result: SideBySide, p
         notes.append("Overridden from the recipe: " + "; ".join(overrides) + ".")
     if any(not r.get("recipe") for r in rows):
         notes.append("Some of our rows come from runs without --recipe (same methods, budget and tasks).")
-    notes += [d[0].upper() + d[1:] + "." for d in recipe.deviations()]
+    notes.append(granularity_note(recipe))
     printed = all(c.row.avg is not None for c in result.comparisons)
     notes.append("Avg: the paper's printed Avg; ours = the plain mean of our task scores (- until every task has one)."
                  if printed else "Avg: the source prints none, so the paper's is the mean of its task scores; ours "
@@ -341,6 +339,16 @@ def _notes(recipe: Recipe, rows: Sequence[dict[str, Any]], result: SideBySide, p
                          f"{c.row.mean:.2f}" + (f" ({c.row.note})" if c.row.note else "")
                          + "; shown as printed, delta against it.")
     return notes
+
+
+def granularity_note(recipe: Recipe) -> str:
+    """Which granularity our rows ran at, as the table's notes say it."""
+    text = f"Granularity: {recipe.granularity}"
+    shared = [m for m in recipe.methods if m != "fullkv" and recipe.granularity_of(m) != recipe.granularity]
+    if shared:
+        text += (f"; {', '.join(shared)} keep one set per KV head (their query heads cannot keep different "
+                 "tokens: the same output)")
+    return text + "."
 
 
 def _fmt_overrides(given: dict[str, Any]) -> str:
