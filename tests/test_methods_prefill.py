@@ -370,6 +370,14 @@ def test_new_hyper_parameters_keep_old_fingerprints():
     assert build("h2o_prefill", {"causal": "false"}).method == build("h2o_factory_2024").method
 
 
+def test_noncausal_h2o_refuses_a_chunked_prefill():
+    """The pre-fix scores read every query against every key, future ones included, which a chunked prefill
+    never has at once; the causal rule's column sums are accumulated chunk by chunk."""
+    PrefillObserver([build("h2o_prefill").method], n_layers=2, chunked=True)
+    with pytest.raises(InputError, match="h2o_prefill.*drop --prefill-chunk"):
+        PrefillObserver([build("h2o_factory_2024").method], n_layers=2, chunked=True)
+
+
 @pytest.mark.parametrize("h_q,h_kv", GQA)
 @pytest.mark.parametrize("tq", [50, 23])  # all queries, or the last 23 of 50 (a query suffix: causal offset)
 def test_column_sums_blocked_match_dense_reference(h_q, h_kv, tq):
