@@ -321,7 +321,8 @@ def _notes(recipe: Recipe, rows: Sequence[dict[str, Any]], result: SideBySide, p
         ours += f" (the recipe's model is {recipe.model})"
     counts = sorted({n for c in result.comparisons for n in c.n.values()})
     if counts:
-        ours += f", {counts[0]}{f'-{counts[-1]}' if len(counts) > 1 else ''} samples per task"
+        plural = "s" if counts[-1] != 1 else ""
+        ours += f", {counts[0]}{f'-{counts[-1]}' if len(counts) > 1 else ''} sample{plural} per task"
     notes.append(ours + f"; protocol fingerprint {', '.join(protocol)}.")
     overrides = sorted({_fmt_overrides(r["recipe"]["overrides"]) for r in rows if r.get("recipe")} - {""})
     if overrides:
