@@ -218,6 +218,16 @@ def test_recipes_command_lists_and_shows_sources(capsys):
     assert code == 0 and out.count("source: arXiv 2502.00299 appendix Table 17") == 6 and "truncation:" in out
 
 
+def test_methods_command_shows_the_recipe_presets_sources(capsys):
+    code, out, _ = cli(["methods"], capsys)
+    assert code == 0
+    table = methods.presets()
+    for name in ("streamingllm_prefill", "h2o_factory_2024", "chunkkv_paper", "scissorhands_authors"):
+        block = out[out.index(f"\n{name} "):]
+        assert block.splitlines()[2].strip() == f"source: {table[name]['source']}", name
+        assert "source=" not in block.splitlines()[1]  # a source line, not a hyper-parameter
+
+
 def test_run_then_table_with_the_recipe(tmp_path, capsys, tiny_model_dir):
     data = write_task_data(tmp_path / "data", task="multifieldqa_zh", n=3)
     results = tmp_path / "results"
