@@ -125,6 +125,7 @@ class Progress:
     "kvbench run --method fullkv,snapkv --ratio 0.1,0.3 --data-dir ../shared/longbench --tasks multi_news --limit 8",
 ))
 def run(
+    ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", help="alias (kvbench models), HF id, local dir or .gguf file"),
     method: str = typer.Option("fullkv", help="method or preset names, package.module:Class or plugin names, comma "
                                "separated, or 'all'"),
@@ -158,21 +159,44 @@ def run(
                                              "GPU (accelerate); default: the whole model on --device"),
     granularity: str = typer.Option("kv_head", help="kv_head: one kept set per KV head | query_head: one per query "
                                     "head, cache stored at H_q heads (KVCache-Factory's default; g x the bytes)"),
+    recipe: Optional[str] = typer.Option(None, help="run a paper recipe (kvbench recipes); --model, --tasks, --limit "
+                                         "and --data-dir may override it, and the rows record that they did"),
 ) -> None:
     """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
     from kvbench import api, data as data_mod
     from kvbench.results import store
 
-    summary = api.run(
-        model, _comma_list(method), ratios=_ratios(ratio), budgets=None if budget is None else [budget],
+    options = dict(
+        ratios=_ratios(ratio), budgets=None if budget is None else [budget],
         tasks=_comma_list(tasks), data=data, data_dir=data_dir, limit=limit, results=results, device=device,
         dtype=dtype, scope=scope, gqa_reduce=gqa_reduce, method_args=_method_args(method_arg), presets=presets,
         max_length=max_length, shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
         synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
         decode=decode, prefill_chunk=prefill_chunk, device_map=device_map, granularity=granularity,
-        log=_err, progress=Progress(),
     )
+    if recipe is None:
+        summary = api.run(model, _comma_list(method), log=_err, progress=Progress(), **options)
+    else:
+        from kvbench import runner
+        from kvbench.studies.recipes import Overrides
+
+        given = _given(ctx)
+        fixed = [f"--{n.replace('_', '-')}" for n in ("method", "ratio", "budget", "scope", "gqa_reduce", "method_arg",
+                                                       "max_length", "granularity") if n in given]
+        if fixed:
+            raise KvbenchError(f"{fixed[0]} cannot be combined with --recipe (the recipe fixes it); drop it, or run "
+                               "without --recipe")
+        overrides = Overrides(model=model if "model" in given else None, tasks=tasks if "tasks" in given else None,
+                              limit=limit, data_dir=data_dir)
+        opts = runner.recipe_options(recipe, overrides, api.run_options(model, _comma_list(method), **options))
+        summary = runner.run(opts, log=_err, progress=Progress())
     sys.stdout.write(run_summary(summary))
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The options the caller typed (not left at their defaults)."""
+    return {name for name in ctx.params if (source := ctx.get_parameter_source(name)) is not None
+            and source.name != "DEFAULT"}
 
 
 def run_summary(summary: RunSummary) -> str:
@@ -210,11 +234,26 @@ def table(
     resamples: int = typer.Option(10_000, help="bootstrap resamples for --ci"),
     ci_seed: int = typer.Option(0, help="bootstrap seed for --ci"),
     protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
+    recipe: Optional[str] = typer.Option(None, help="a paper recipe (kvbench recipes): the paper's numbers and ours "
+                                         "side by side, paper / ours / delta per cell"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
     from kvbench import api
 
     _check_out_file(out)
+    if recipe is not None:
+        from kvbench.results import store
+        from kvbench.studies import recipes
+
+        if tasks is not None or metric != "score" or ci or protocol is not None:
+            raise KvbenchError("--recipe tabulates the recipe's tasks and scores: drop --tasks, --metric, --ci and "
+                               "--protocol")
+        chosen = recipes.load(recipe)
+        if format not in recipes.FORMATS:
+            raise KvbenchError(f"--format must be md, latex or csv, got '{format}'")
+        name = _model_name(model) if model is not None else None
+        _emit(recipes.render(recipes.side_by_side(chosen, store.load_all_rows(results), name), format), out)
+        return
     text, skipped = api.table_with_notes(results, format=format, model=model,
                                          tasks=_comma_list(tasks) if tasks else None, metric=metric, ci=ci,
                                          resamples=resamples, ci_seed=ci_seed, protocol=protocol)
@@ -237,6 +276,12 @@ def plot(
     outputs.check_dir(out, "--out")
     for path in plots.plot_results(results, out, protocol, log=_err):
         _err(f"wrote {path}")
+
+
+def _model_name(model: str) -> str:
+    from kvbench.models import resolve_model
+
+    return resolve_model(model).name
 
 
 def _check_out_file(out: Optional[Path]) -> None:
@@ -329,6 +374,16 @@ def list_tasks() -> None:
         print(f"group {name:18s} {len(members):2d} tasks: {', '.join(t.name for t in members)}")
 
 
+@app.command("recipes", epilog=_examples("kvbench recipes", "kvbench recipes chunkkv-table17"))
+def list_recipes(name: Optional[str] = typer.Argument(None, help="show this recipe in full: its assumptions and "
+                                                      "every published number with its source")) -> None:
+    """Paper recipes: published LongBench tables that `kvbench run --recipe NAME` reproduces."""
+    from kvbench.studies import recipes
+
+    for recipe in [recipes.load(name)] if name is not None else [recipes.load(n) for n in recipes.names()]:
+        print(recipes.describe(recipe, full=name is not None))
+
+
 @app.command("methods", epilog=_examples("kvbench methods", "kvbench methods --presets my-presets.yaml"))
 def list_methods(
     presets: Optional[Path] = typer.Option(None, help="also list the presets of this YAML file"),
@@ -359,7 +414,7 @@ def list_methods(
                                              ("head-adaptive", method.head_adaptive),
                                              ("continuous", method.continuous)) if on]
             print(f"{name:18s} {where}{', '.join(flags) or '-'}")
-            aliases = methods.METHODS.aliases(name)
+            aliases = methods.METHODS.aliases(name) if name in methods.METHODS else []  # plugins: none
             if aliases:
                 print(f"{'':18s} also: {', '.join(aliases)}")
             print(f"{'':18s} {method.describe()}")
@@ -368,6 +423,8 @@ def list_methods(
     for name, preset in methods.presets(presets).items():
         params = ", ".join(f"{k}={v}" for k, v in preset.params.items())
         print(f"{name:18s} preset of {preset.method}: {params}")
+        if preset.source:
+            print(f"{'':18s} source: {preset.source}")
 
 
 def _int_list(text: Optional[str], flag: str, allow_zero: bool = False) -> Optional[list[int]]:

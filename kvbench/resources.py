@@ -31,6 +31,15 @@ def tasks_path(name: str) -> Path:
     return package_path("tasks", name)
 
 
+def recipe_dir() -> Path:
+    """Paper recipes (kvbench.studies.recipes): package data from the start, so installed copies have them."""
+    return Path(__file__).resolve().parent / "configs" / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    return recipe_dir() / f"{name}.yaml"
+
+
 def load_yaml(path: Path) -> Any:
     """A YAML file whose top level is a mapping; cached until the file changes."""
     return _load_yaml_cached(str(path), path.stat().st_mtime_ns if path.exists() else 0)

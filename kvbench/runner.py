@@ -3,6 +3,7 @@ decode every (method, budget) from it, score, and append one row per (sample, me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvbench import __version__, data, evidence, methods, metrics, models, outputs, prompts, scoring
 from kvbench.results import schema, store
@@ -23,6 +24,9 @@ from kvbench.errors import InputError
 from kvbench.methods.base import Budget, Method
 from kvbench.methods.plugins import source_version
 from kvbench.results.store import ResultFile, Shard
+
+if TYPE_CHECKING:
+    from kvbench.studies.recipes import Overrides
 
 # Bump when the engine's decoding rules change (anything that can move a score).
 ENGINE_VERSION = "engine-v1"
@@ -62,6 +66,27 @@ class RunOptions:
     prefill_chunk: int = 0  # > 0: prefill in chunks of this many tokens
     device_map: str | None = None  # "auto": spread the model over every visible GPU (accelerate)
     granularity: str = "kv_head"  # kv_head | query_head (methods-2 §1.6; engine.GRANULARITIES)
+    # kvbench run --recipe: {name, overrides}, copied into every row (no fingerprint: the options
+    # it expanded to are fingerprinted as for any run)
+    recipe: dict[str, Any] | None = None
+
+
+def recipe_options(name: str, overrides: "Overrides", base: RunOptions) -> RunOptions:
+    """`kvbench run --recipe NAME`: the recipe's model, methods, budget, tasks, data, scope, granularity and
+    truncation, with `overrides` applied, on top of `base`, which keeps what a recipe leaves alone (results,
+    device, dtype, shards, decoding, ...); an explicit --data wins over the recipe's, and --data-dir replaces
+    it (the recipe's hub data is what a local copy stands in for)."""
+    from kvbench.studies import recipes
+
+    plan = recipes.load(name).expand(overrides)
+    data_source = base.data if base.data != "auto" else ("auto" if plan.data_dir is not None else plan.data)
+    return dataclasses.replace(
+        base, model=plan.model, methods=tuple(plan.method.split(",")),
+        ratios=tuple(plan.ratios) if plan.ratios is not None else None,
+        budgets=(plan.budget,) if plan.budget is not None else None, tasks=tuple(plan.tasks.split(",")),
+        data=data_source, data_dir=plan.data_dir, limit=plan.limit,
+        scope=plan.scope, granularity=plan.granularity, max_length=plan.max_length, recipe=plan.stamp,
+    )
 
 
 @dataclass
@@ -418,7 +443,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
                                                      result.n_prefilled),
                         prefilled=result.n_prefilled, prefill_seconds=result.prefill_seconds,
                         peak_memory_bytes=result.peak_memory_bytes, device=device_label,
-                        run_id=run_id, fps=schema.Fingerprints(protocol_fp, target.task_fp, target.config_fp)))
+                        run_id=run_id, fps=schema.Fingerprints(protocol_fp, target.task_fp, target.config_fp),
+                        recipe=opts.recipe))
                     target.file.append(row)
                     summary.rows_written += 1
                     summary.decodes += 1

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import kvbench.engine.attention
 from kvbench.engine import Engine, Plan, rope
+from kvbench.errors import InputError
 from kvbench.methods import build
 from kvbench.methods.base import Budget, DecodeContext, LayerView, SelectContext
 from kvbench.prompts import Prompt
@@ -93,13 +94,18 @@ class RefTOVA:
 
 
 class RefScissorhands:
-    """History of the last w rows' events {token: attention >= 1/visible}; importance = events summed over
-    the history and the group; drop max(m, excess) least important non-recent tokens, older first on ties."""
+    """History of the last w rows' events, per row {token: event} over the tokens it sees. Event: attention
+    >= 1/visible (uniform), or > the row's value at ascending rank int(quantile * n) over all n entries of the
+    row, hidden zeros included (quantile, the authors' rule). Importance = events summed over the history and
+    the group, divided by the history rows that saw the token when normalized; drop max(m, excess) least
+    important non-recent tokens, older first on ties."""
 
-    def __init__(self, h_q: int, h_kv: int, budget: int, history: int, recent: int, drop: int, how: str = "sum"):
+    def __init__(self, h_q: int, h_kv: int, budget: int, history: int, recent: int, drop: int, how: str = "sum",
+                 threshold: str = "uniform", quantile: float = 0.9, normalize: bool = False):
         self.g, self.budget, self.w, self.how = h_q // h_kv, budget, history, how
         self.recent = min(recent, budget)
         self.m = drop if drop > 0 else max(1, budget // 16)
+        self.threshold, self.quantile, self.normalize = threshold, quantile, normalize
         self.rows: list[list[dict[int, bool]]] = []  # one entry per query step: per query head {token: event}
         self.prefill = True
 
@@ -110,14 +116,20 @@ class RefScissorhands:
             for per_query in rows:
                 row = per_query[i]
                 visible = sum(1 for p in row.values() if p > 0.0)
-                entry.append({t: p >= 1.0 / visible for t, p in row.items() if p > 0.0})
+                if self.threshold == "uniform":
+                    entry.append({t: p >= 1.0 / visible for t, p in row.items() if p > 0.0})
+                else:
+                    cut = sorted(row.values())[int(self.quantile * len(row))]
+                    entry.append({t: p > cut for t, p in row.items() if p > 0.0})
             self.rows.append(entry)
 
     def importance(self, h: int, tok: int) -> float:
-        return reduce(
-            [sum(entry[h * self.g + i].get(tok, False) for entry in self.rows[-self.w :]) for i in range(self.g)],
-            self.how,
-        )
+        history = self.rows[-self.w :]
+        count = reduce([sum(entry[h * self.g + i].get(tok, False) for entry in history) for i in range(self.g)],
+                       self.how)
+        if not self.normalize:
+            return count
+        return count / sum(tok in entry[h * self.g] for entry in history)
 
     def keep(self, ids: list[list[int]]) -> list[list[int]]:
         out = []
@@ -244,6 +256,53 @@ def test_scissorhands_multi_token_steps_and_mean_reduce():
     simulate(method, ref, 6, 2, n_tokens=18, budget=9, steps=4, per_step=3)
 
 
+@pytest.mark.parametrize("h_q,h_kv", GROUPS)
+@pytest.mark.parametrize("per_step", [1, 3])
+def test_scissorhands_authors_rule_matches_reference(h_q, h_kv, per_step):
+    """The authors' rule: events above the row's 90th percentile, the newest kept, the set re-decided every step
+    (drop 1): the preset with a history shorter than the prompt, so tokens leave and enter it."""
+    args = {"history": "6", "recent": "3"}
+    method = build("scissorhands_authors", args).method
+    assert (method.threshold, method.quantile, method.drop) == ("quantile", 0.9, 1)
+    ref = RefScissorhands(h_q, h_kv, 10, history=6, recent=3, drop=1, threshold="quantile")
+    simulate(method, ref, h_q, h_kv, n_tokens=22, budget=10, steps=7, per_step=per_step)
+    uniform = RefScissorhands(h_q, h_kv, 10, history=6, recent=3, drop=1)
+    with pytest.raises(AssertionError):  # the 1/visible rule keeps other tokens here: the check above bites
+        simulate(method, uniform, h_q, h_kv, n_tokens=22, budget=10, steps=7, per_step=per_step)
+
+
+@pytest.mark.parametrize("threshold", ["uniform", "quantile"])
+def test_scissorhands_normalized_counts_match_reference(threshold):
+    """Per-age rates: with a history longer than the prompt, young tokens have had fewer rows to score in."""
+    args = {"history": "12", "recent": "2", "normalize": "true", "threshold": threshold, "quantile": "0.5"}
+    method = build("scissorhands", args).method
+    ref = RefScissorhands(6, 2, 8, history=12, recent=2, drop=0, threshold=threshold, quantile=0.5, normalize=True)
+    simulate(method, ref, 6, 2, n_tokens=16, budget=8, steps=8, sharp=3.0)
+    raw = RefScissorhands(6, 2, 8, history=12, recent=2, drop=0, threshold=threshold, quantile=0.5)
+    with pytest.raises(AssertionError):  # the normalisation changes what is kept here: the check above bites
+        simulate(method, raw, 6, 2, n_tokens=16, budget=8, steps=8, sharp=3.0)
+
+
+def test_scissorhands_skip_layers_and_fingerprint_defaults():
+    method = build("scissorhands", {"skip_layers": "1"}).method
+    view = LayerView(layer=1, n_layers=2, query=torch.randn(6, 20, D), keys=torch.randn(2, 20, D),
+                     values=torch.randn(2, 20, D), scaling=D**-0.5, max_window=method.window())
+    ctx = SelectContext(layer=1, n_layers=2, n_tokens=20, kept=8, scores=method.score(view), keys=view.keys,
+                        n_kv_heads=2, group=3)
+    keep = method.select(ctx)
+    assert keep.tolist() == [list(range(20))] * 2
+    assert method.decoder(DecodeContext(select=ctx, kept_indices=keep)) is None
+    ctx.layer = 0
+    assert method.select(ctx).shape == (2, 8)
+    # fields added later leave the configuration fingerprint of the default rule where it was
+    assert build("scissorhands").method.params() == {"gqa_reduce": "sum", "position_mode": "original", "history": 32,
+                                                    "recent": 8, "drop": 0}
+    assert "threshold=uniform" in build("scissorhands").method.describe()
+    for bad in [{"threshold": "median"}, {"quantile": "1.0"}, {"skip_layers": "-1"}]:
+        with pytest.raises(InputError):
+            build("scissorhands", bad)
+
+
 @pytest.mark.parametrize(
     "name,args,sinks,online",
     [
@@ -334,6 +393,8 @@ CONTINUOUS = [
     ("sliding", {"mode": "online", "position_mode": "contiguous"}),
     ("sink_recent", {"mode": "online"}),
     ("h2o", {"position_mode": "contiguous"}),
+    ("scissorhands_authors", {}),
+    ("scissorhands", {"threshold": "quantile", "normalize": "true", "history": "6", "recent": "2"}),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Prefill-once methods: snapkv, pyramidkv, chunkkv, h2o_prefill, random, knorm.
+"""Prefill-once methods: snapkv, pyramidkv, chunkkv, h2o_prefill, random, knorm, and the presets that
+reproduce published baselines (h2o_factory_2024, chunkkv_paper).
 
 Every selection is checked against a reference written here from the formula in docs/methods.md with plain
 Python loops and an explicit softmax in float64 (none of the methods' helpers), on small random tensors with
@@ -21,7 +22,7 @@ from kvbench.engine.compress import compress
 from kvbench.methods import build
 from kvbench.methods.base import Budget, LayerView, SelectContext
 from kvbench.methods.chunkkv import ChunkKV
-from kvbench.methods.h2o_prefill import H2OPrefill
+from kvbench.methods.h2o_prefill import H2OPrefill, noncausal_column_sums
 from kvbench.methods.knorm import KNorm
 from kvbench.methods.pyramidkv import PyramidKV, pyramid_budgets
 from kvbench.methods.random import RandomKeep
@@ -64,6 +65,16 @@ def ref_attention_row(view: LayerView, head: int, i: int) -> list[float]:
     e = [math.exp(x - top) for x in logits]
     total = sum(e)
     return [x / total for x in e] + [0.0] * (view.n_tokens - i - 1)
+
+
+def ref_unmasked_row(view: LayerView, head: int, i: int) -> list[float]:
+    """Softmax row of query i of query head `head` over ALL T keys, future ones included, float64."""
+    q = view.query[head].double().tolist()
+    k = view.keys[head // view.group].double().tolist()
+    logits = [sum(a * b for a, b in zip(q[i], k[j])) * view.scaling for j in range(view.n_tokens)]
+    top = max(logits)
+    e = [math.exp(x - top) for x in logits]
+    return [x / sum(e) for x in e]
 
 
 def ref_reduce(per_query_head: list[list[float]], h_kv: int, how: str) -> list[list[float]]:
@@ -262,6 +273,24 @@ def test_chunkkv_matches_reference(h_q, h_kv, per_head, agg, pooling, c):
         assert all(keep[h].tolist() == keep[0].tolist() for h in range(h_kv))
 
 
+@pytest.mark.parametrize("h_q,h_kv", GQA)
+def test_chunkkv_paper_is_algorithm_1_without_pooling(h_q, h_kv):
+    """chunkkv_paper: the window queries' attention summed per token (no pooling), per chunk of 10, one chunk
+    set per layer over the KV-head-summed scores."""
+    t, w, kept = 71, 8, 31
+    view = rand_view(h_q, h_kv, t, seed=h_q * 5)
+    method = build("chunkkv_paper").method
+    assert (method.pooling, method.chunk_size, method.chunk_agg, method.window_size) == ("none", 10, "sum", 8)
+    keep = method.select(ctx_for(view, kept, method.score(view)))
+    token = ref_snapkv_scores(view, w, 1, "none", "mean")
+    shared = [sum(col) for col in zip(*token)]
+    want = ref_chunks(shared, 10, kept - w, "sum")
+    for h in range(h_kv):
+        got = keep[h, :-w].tolist()
+        assert got == want or _chunk_near_tie(shared, 10, "sum"), (got, want)
+        assert keep[h, -w:].tolist() == window_tail(t, w)
+
+
 def _chunk_near_tie(scores: list[float], c: int, agg: str, tol: float = 1e-6) -> bool:
     n = len(scores)
     chunks = [list(range(s, min(n, s + c))) for s in range(0, n, c)]
@@ -300,6 +329,53 @@ def test_h2o_prefill_matches_reference(h_q, h_kv, how):
     for h in range(h_kv):
         assert keep[h, -w:].tolist() == window_tail(t, w)
         assert_same_choice(keep[h, :-w].tolist(), ref_topk(ref[h], kept - w), ref[h], tol=1e-5)
+
+
+@pytest.mark.parametrize("h_q,h_kv", GQA)
+@pytest.mark.parametrize("how", ["mean", "sum"])
+def test_h2o_factory_2024_matches_noncausal_reference(h_q, h_kv, how):
+    """KVCache-Factory ffac160 H2OKVCluster: the first T - w queries attend to every key (no mask), the last w
+    causally within the window (mask on the last w x w block only); columns summed over all T queries."""
+    t, w, kept = 40, 8, 18
+    view = rand_view(h_q, h_kv, t, seed=h_q + 11)
+    method = build("h2o_factory_2024", {"gqa_reduce": how}).method
+    assert (method.causal, method.window_size) == (False, 8)
+    per_head = []
+    for h in range(h_q):
+        rows = [ref_unmasked_row(view, h, i) for i in range(t - w)] + [ref_attention_row(view, h, i) for i in range(t - w, t)]
+        per_head.append([sum(r[j] for r in rows) for j in range(t - w)])
+    ref = ref_reduce(per_head, h_kv, how)
+    for block in (7, 512):  # blocks of unmasked rows: the result must not depend on the block size
+        got = noncausal_column_sums(view, w, block=block)
+        torch.testing.assert_close(reduce_cols(got[:, : t - w], h_kv, how), torch.tensor(ref, dtype=torch.float32),
+                                   rtol=1e-5, atol=1e-5)
+    keep = method.select(ctx_for(view, kept, method.score(view)))
+    for h in range(h_kv):
+        assert keep[h, -w:].tolist() == window_tail(t, w)
+        assert_same_choice(keep[h, :-w].tolist(), ref_topk(ref[h], kept - w), ref[h], tol=1e-5)
+    causal = H2OPrefill(gqa_reduce=how)
+    assert not torch.equal(causal.score(view), method.score(view))  # the two rules really differ here
+
+
+def reduce_cols(scores: torch.Tensor, h_kv: int, how: str) -> torch.Tensor:
+    grouped = scores.reshape(h_kv, -1, scores.shape[-1])
+    return grouped.mean(dim=1) if how == "mean" else grouped.sum(dim=1)
+
+
+def test_new_hyper_parameters_keep_old_fingerprints():
+    """A field added later stays out of params() (the configuration fingerprint) at its old behaviour."""
+    assert build("h2o_prefill").method.params() == {"gqa_reduce": "mean", "position_mode": "original", "window_size": 8}
+    assert build("h2o_factory_2024").method.params()["causal"] is False
+    assert "causal=True" in build("h2o_prefill").method.describe()
+    assert build("h2o_prefill", {"causal": "false"}).method == build("h2o_factory_2024").method
+
+
+def test_noncausal_h2o_refuses_a_chunked_prefill():
+    """The pre-fix scores read every query against every key, future ones included, which a chunked prefill
+    never has at once; the causal rule's column sums are accumulated chunk by chunk."""
+    PrefillObserver([build("h2o_prefill").method], n_layers=2, chunked=True)
+    with pytest.raises(InputError, match="h2o_prefill.*drop --prefill-chunk"):
+        PrefillObserver([build("h2o_factory_2024").method], n_layers=2, chunked=True)
 
 
 @pytest.mark.parametrize("h_q,h_kv", GQA)
@@ -498,7 +574,8 @@ def tiny_model(kind: str):
 
 
 T_E2E = 680  # 10% = 68 = 60 + 8: PyramidKV's 4-layer budgets 125/87/49/11 average exactly 68
-METHODS_E2E = ["snapkv", "pyramidkv", "chunkkv", "chunkkv_reuse", "h2o_prefill", "random", "knorm"]
+METHODS_E2E = ["snapkv", "pyramidkv", "chunkkv", "chunkkv_reuse", "h2o_prefill", "random", "knorm", "h2o_factory_2024",
+               "chunkkv_paper"]
 
 
 def e2e_prompt(n_new: int = 6) -> Prompt:

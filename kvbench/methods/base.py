@@ -395,6 +395,10 @@ class Method:
     head_adaptive: ClassVar[bool] = False
     # select keeps the top of ranking()'s per-token scores, so Ada-KV and HeadKV can reallocate its budget
     ranked: ClassVar[bool] = False
+    # Hyper-parameters added after results were stored, each with the value that reproduces the behaviour from
+    # before it existed: params() leaves a field out while it holds that value, so the configuration
+    # fingerprints of earlier results do not move (describe() still shows it).
+    added_params: ClassVar[dict[str, Any]] = {}
     gqa_reduce: str = "mean"  # how query-head scores become KV-head scores
     position_mode: str = "original"  # original: new tokens continue from the uncompressed length
 
@@ -469,14 +473,19 @@ class Method:
 
     # ---- description -----------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
+        """The hyper-parameters that identify this configuration (what the fingerprint digests)."""
+        return {name: value for name, value in self.all_params().items()
+                if name not in self.added_params or value != self.added_params[name]}
+
+    def all_params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def parameter_names(self) -> set[str]:
         """What --method-arg may set on this method (a wrapper's include its inner method's)."""
-        return set(self.params())
+        return set(self.all_params())
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return ", ".join(f"{k}={v}" for k, v in self.all_params().items())
 
 
 # ---- shared building blocks -------------------------------------------------------------------------------

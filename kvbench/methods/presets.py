@@ -25,6 +25,7 @@ class Preset:
     method: str  # a registered name, an entry point, or package.module:Class
     params: dict[str, Any]  # typed, checked against the method's fields
     file: Path
+    source: str = ""  # what the preset follows (paper, repository, file:line); shown by `kvbench methods`
 
 
 def defaults(cls: type[Method]) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def unchecked(data: Mapping[str, Any], path: Path) -> dict[str, Preset]:
 
 
 def _plain(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items() if k != "method"}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items() if k not in ("method", "source")}
 
 
 def check(data: Mapping[str, Any], path: Path, source: str, resolve: Callable[[str], type[Method]],
@@ -131,6 +132,10 @@ def check(data: Mapping[str, Any], path: Path, source: str, resolve: Callable[[s
         for pkey, value in entry.items():
             if pkey == "method":
                 continue
+            if pkey == "source":  # what the preset follows, shown by `kvbench methods`; not a hyper-parameter
+                if not isinstance(value, str) or not value.strip():
+                    raise InputError(f"{where}, key 'source': expected a non-empty string, got {_kind(value)} {value!r}")
+                continue
             if pkey not in fields:
                 raise InputError(f"{where}: {cls.name} has no parameter '{pkey}'{did_you_mean(str(pkey), list(fields))}")
             expected = _expected(fields[pkey])
@@ -140,7 +145,7 @@ def check(data: Mapping[str, Any], path: Path, source: str, resolve: Callable[[s
             cls(**params)  # the method's own checks (__post_init__): a wrapper builds its inner method here
         except (InputError, TypeError, ValueError) as exc:
             raise InputError(f"{where}: {exc}") from None
-        out[key] = Preset(key, base.strip(), params, path)  # type: ignore[union-attr]
+        out[key] = Preset(key, base.strip(), params, path, str(entry.get("source") or ""))  # type: ignore[union-attr]
     return out
 
 

@@ -64,7 +64,8 @@ DISPLAY = {
     # presets (configs/methods.yaml)
     "streamingllm_prefill": "StreamingLLM (prefill)", "snapkv_official": "SnapKV (official)",
     "snapkv_kvpress": "SnapKV (kvpress)", "chunkkv_reuse": "ChunkKV (reuse)", "chunkkv_kvpress": "ChunkKV (kvpress)",
-    "knorm_factory": "KNorm (Factory)",
+    "knorm_factory": "KNorm (Factory)", "h2o_factory_2024": "H2O (Factory 2024)", "chunkkv_paper": "ChunkKV (Alg. 1)",
+    "scissorhands_authors": "Scissorhands (authors)",
 }
 
 
