@@ -327,6 +327,7 @@ def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Pr
         # evidence_tokens, evidence_retention (per layer), _mean, _min, layer_overlap: see results/README.md
         **evidence.row_fields(target.task, sample, prompt, gen.kept_indices, gen.kept_per_layer, prefilled),
         "generated_tokens": len(gen.token_ids),
+        "token_ids": list(gen.token_ids),  # `kvbench compare` names the first differing token of a changed answer
         "decode": gen.decode,
         "prefill_seconds": round(prefill_seconds, 4),
         "decode_seconds": round(gen.decode_seconds, 4),
