@@ -137,7 +137,7 @@ def query_head_view(view: LayerView) -> LayerView:
     out = LayerView(layer=view.layer, n_layers=view.n_layers, query=view.query,
                     keys=view.keys.repeat_interleave(g, dim=0), values=view.values.repeat_interleave(g, dim=0),
                     scaling=view.scaling, max_window=view.max_window, partial_queries=view.partial_queries,
-                    lse=view.lse)
+                    lse=view.lse, module=view.module, rope=view.rope)
     if "colsum" in view._cache:  # accumulated over a chunked prefill: per query head already
         out.seed_column_sums(view._cache["colsum"])
     return out
