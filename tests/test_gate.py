@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbench.gate import cost, exact, sets
+from kvbench.gate import cost, exact, scores, sets
 
 N = 20  # samples per task: enough for the bootstrap interval to separate a real drop from one flipped answer
 TASKS = ("multifieldqa_en", "hotpotqa")
@@ -246,3 +246,13 @@ def test_a_copied_baseline_gates_itself(base, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(base, copy)
     assert cli(["compare", str(base), str(copy), "--exact"], capsys)[0] == 0
+
+
+def test_too_few_samples_only_warn_however_far_they_drop(base):
+    """One sample gives the degenerate interval [d, d]; below scores.MIN_SAMPLES the check cannot fail."""
+    old = sets.load(base).cells[("snapkv", "r0.1", "hotpotqa")]
+    one = {i: r for i, r in old.rows.items() if r["score"] == 1.0 and i == "hotpotqa-01"}
+    dropped = {i: {**r, "score": 0.0} for i, r in one.items()}
+    finding = scores.check("snapkv r0.1 hotpotqa", sets.Cell(one), sets.Cell(dropped), 1.0)
+    assert finding.status == "warn" and "95% CI [-100.00, -100.00] on 1 paired samples" in finding.summary
+    assert "an interval decides nothing" in finding.summary
