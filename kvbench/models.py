@@ -1,5 +1,5 @@
-"""Model specs and loading: an alias from configs/models.yaml, a Hugging Face id, a local directory or a
-GGUF file. GGUF weights are dequantised once and cached as safetensors so later loads take about a second."""
+"""Model specs and loading: an alias from kvbench/configs/models.yaml, a Hugging Face id, a local directory
+or a GGUF file. GGUF weights are dequantised once and cached as safetensors so later loads take about a second."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from kvbench import resources
 from kvbench.errors import InputError, KvbenchError, ModelUnavailableError
 from kvbench.registry import unknown
+from kvbench.results.store import safe_name, write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
@@ -44,12 +45,6 @@ class ModelSpec:
         return safe_name(self.name)
 
 
-def safe_name(text: str) -> str:
-    """A file-system-safe name: no separators, no '..', nothing but [A-Za-z0-9._-]."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
-    return slug or "unnamed"
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
 
@@ -61,7 +56,7 @@ def load_aliases(path: Path | None = None) -> dict[str, dict[str, Any]]:
 def resolve_model(name: str, max_length: int | None = None, aliases: dict | None = None) -> ModelSpec:
     """Turn a --model value into a spec: alias, .gguf path, local directory, or HF id (in that order)."""
     if not name or not name.strip():
-        raise InputError("--model is empty")
+        raise InputError("{model} is empty", options=("model",))
     aliases = load_aliases() if aliases is None else aliases
     entry = aliases.get(name.strip().lower())
     if entry is not None:
@@ -82,7 +77,7 @@ def resolve_model(name: str, max_length: int | None = None, aliases: dict | None
         raise unknown("model", name, list(aliases))
     if max_length is not None:
         if max_length <= 0:
-            raise InputError(f"--max-length must be positive, got {max_length}")
+            raise InputError(f"{{max_length}} must be positive, got {max_length}", options=("max_length",))
         spec = ModelSpec(**{**spec.__dict__, "max_length": max_length})
     return spec
 
@@ -91,12 +86,12 @@ def _spec_from_alias(alias: str, entry: dict[str, Any]) -> ModelSpec:
     allowed = {"hf_id", "embedded", "gguf", "max_length", "chat", "dtype", "how_to_get", "stop_tokens"}
     extra = set(entry) - allowed
     if extra:
-        raise InputError(f"configs/models.yaml: model '{alias}' has unknown keys {sorted(extra)}")
+        raise InputError(f"kvbench/configs/models.yaml: model '{alias}' has unknown keys {sorted(extra)}")
     embedded = entry.get("embedded")
     gguf = entry.get("gguf") or {}
     chat = entry.get("chat", "template")
     if chat not in ("template", "none"):
-        raise InputError(f"configs/models.yaml: model '{alias}': chat must be 'template' or 'none'")
+        raise InputError(f"kvbench/configs/models.yaml: model '{alias}': chat must be 'template' or 'none'")
     return ModelSpec(
         name=alias,
         hf_id=entry.get("hf_id"),
@@ -115,9 +110,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA device is available")
+        raise InputError("{device} cuda requested but no CUDA device is available", options=("device",))
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda[:N], got '{device}'")
+        raise InputError(f"{{device}} must be auto, cpu or cuda[:N], got '{device}'", options=("device",))
     return torch.device(device)
 
 
@@ -129,7 +124,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in DTYPES:
-        raise InputError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+        raise InputError(f"{{dtype}} must be auto, float32, bfloat16 or float16, got '{dtype}'", options=("dtype",))
     return DTYPES[name]
 
 
@@ -194,8 +189,6 @@ def ensure_converted(gguf: Path) -> tuple[Path, str]:
             # re-converting, and restamp so the next call (a run asks twice) need not hash it again.
             sha = file_sha256(gguf)
             if sha == info.get("sha256"):
-                from kvbench.results.store import write_atomic  # store imports this module
-
                 write_atomic(stamp, json.dumps({**source, "sha256": sha}))
                 return target, sha
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -296,8 +289,9 @@ def _unavailable(spec: ModelSpec, exc: BaseException, trust_remote_code: bool) -
         else "check the path"
     )
     if not trust_remote_code and "trust_remote_code" in str(exc):
-        hint = "it needs its own code from the hub: review that code, then pass --trust-remote-code"
-    return ModelUnavailableError(f"cannot load model '{spec.name}' ({_first_line(exc)}): {hint}")
+        hint = "it needs its own code from the hub: review that code, then pass {trust_remote_code}"
+    return ModelUnavailableError(f"cannot load model '{spec.name}' ({_first_line(exc)}): {hint}",
+                                 options=("trust_remote_code",))
 
 
 def preflight(spec: ModelSpec, trust_remote_code: bool = False) -> Preflight:

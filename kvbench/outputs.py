@@ -13,6 +13,12 @@ from pathlib import Path
 from kvbench.errors import InputError
 
 
+def _error(flag: str, message: str) -> InputError:
+    """`flag` is a CLI flag, or an option's `{field}` placeholder (kvbench.errors) that each front end spells."""
+    placeholder = flag.startswith("{") and flag.endswith("}")
+    return InputError(message, options=(flag[1:-1],) if placeholder else ())
+
+
 def check_dir(path: Path, flag: str, probe: bool = True) -> None:
     """`path` is, or can be created as, a directory where files can be written. `probe=False` checks only
     that nothing on the way is a file (for callers that may turn out to have nothing to write)."""
@@ -24,7 +30,7 @@ def check_dir(path: Path, flag: str, probe: bool = True) -> None:
 def check_file(path: Path, flag: str) -> None:
     """`path` is a file that can be written (replaced) or created, with its missing folders."""
     if path.is_dir():
-        raise InputError(f"{flag} {path} is a directory; give a file name")
+        raise _error(flag, f"{flag} {path} is a directory; give a file name")
     _probe(_existing_ancestor(path.parent, flag, want_dir=False, target=path), path, flag)
 
 
@@ -37,24 +43,24 @@ def _existing_ancestor(path: Path, flag: str, want_dir: bool, target: Path | Non
             mode = current.stat().st_mode
         except (FileNotFoundError, NotADirectoryError):  # missing, or below a file: look further up
             if current.parent == current:
-                raise InputError(f"{flag} {target}: no existing folder above it") from None
+                raise _error(flag, f"{flag} {target}: no existing folder above it") from None
             current = current.parent
             continue
         except OSError as exc:
-            raise InputError(f"{flag} {target}: cannot check {current} ({exc.strerror or exc})") from None
+            raise _error(flag, f"{flag} {target}: cannot check {current} ({exc.strerror or exc})") from None
         if stat.S_ISDIR(mode):
             return current
         if want_dir and current == path:
-            raise InputError(f"{flag} {path} exists and is not a directory")
-        raise InputError(f"{flag} {target}: {current} is a file, not a directory")
+            raise _error(flag, f"{flag} {path} exists and is not a directory")
+        raise _error(flag, f"{flag} {target}: {current} is a file, not a directory")
 
 
 def _probe(directory: Path, target: Path, flag: str) -> None:
     try:
         fd, name = tempfile.mkstemp(dir=directory, prefix=".kvbench-write-check-")
     except OSError as exc:
-        raise InputError(
-            f"{flag} {target} is not writable: cannot create a file in {directory} ({exc.strerror or exc})"
+        raise _error(
+            flag, f"{flag} {target} is not writable: cannot create a file in {directory} ({exc.strerror or exc})"
         ) from None
     os.close(fd)
     os.unlink(name)

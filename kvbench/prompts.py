@@ -180,7 +180,8 @@ def build_prompt(
     if max_length is None and max_positions is not None and len(ids) + task.max_new_tokens > max_positions:
         raise InputError(
             f"sample {sample.id} of {task.name}: prompt of {len(ids)} tokens + {task.max_new_tokens} new tokens "
-            f"exceeds the model's {max_positions} positions and the model has no truncation length (--max-length)"
+            f"exceeds the model's {max_positions} positions and the model has no truncation length ({{max_length}})",
+            options=("max_length",),
         )
     stops = set(model_stop_ids)
     if task.stop_at_newline:

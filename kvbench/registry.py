@@ -36,6 +36,12 @@ class Registry(Generic[T]):
             self._aliases[alias] = name
         return entry
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry and its aliases (a plugin registered again replaces itself)."""
+        key = self.canonical(name)
+        del self._entries[key]
+        self._aliases = {alias: target for alias, target in self._aliases.items() if target != key}
+
     def canonical(self, name: str) -> str:
         key = name.strip().lower()
         if key in self._entries:
@@ -59,3 +65,8 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def aliases(self, name: str) -> list[str]:
+        """The other names of a registered entry, in registration order."""
+        canonical = self.canonical(name)
+        return [alias for alias, target in self._aliases.items() if target == canonical]

@@ -1,8 +1,14 @@
-"""Where kvbench's data files live (configs/, tasks/) and how they are read (safe YAML only)."""
+"""kvbench's own data files and how they are read (safe YAML only).
+
+The YAML kvbench needs at run time is package data inside `kvbench/` (`configs/` for models, method presets
+and recipes; `tasks/` for task definitions and the embedded LongBench sample), found through
+importlib.resources, so a wheel installed anywhere finds it exactly as an editable checkout does. The
+top-level `configs/` and `tasks/` folders of the repository hold only a README and examples to copy."""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +16,23 @@ import yaml
 
 from kvbench.errors import InputError
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def package_path(*parts: str) -> Path:
+    """A file or folder shipped inside the kvbench package. Installed packages are plain directories (wheels
+    are unpacked, never imported from a zip), so the resource is a real path that can be opened and globbed."""
+    return Path(str(files("kvbench").joinpath(*parts)))
 
 
 def config_path(name: str) -> Path:
-    return ROOT / "configs" / name
+    return package_path("configs", name)
 
 
 def tasks_path(name: str) -> Path:
-    return ROOT / "tasks" / name
+    return package_path("tasks", name)
 
 
 def load_yaml(path: Path) -> Any:
+    """A YAML file whose top level is a mapping; cached until the file changes."""
     return _load_yaml_cached(str(path), path.stat().st_mtime_ns if path.exists() else 0)
 
 
@@ -32,6 +43,10 @@ def _load_yaml_cached(path: str, _mtime: int) -> Any:
             data = yaml.safe_load(handle)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

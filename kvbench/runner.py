@@ -15,35 +15,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench import __version__, data, evidence, methods, models, outputs, prompts, scoring
-from kvbench.results import store
+from kvbench import __version__, data, evidence, methods, metrics, models, outputs, prompts, scoring
+from kvbench.results import schema, store
 from kvbench.data import HUB_REVISION, Sample, TaskSpec
-from kvbench.engine import DECODE_MODES, GRANULARITIES, Engine, Generation, Plan, storage_granularity
+from kvbench.engine import DECODE_MODES, GRANULARITIES, Engine, Plan, storage_granularity
 from kvbench.errors import InputError
-from kvbench.methods.base import Budget
-from kvbench.results.store import ResultFile, Shard, digest
+from kvbench.methods.base import Budget, Method
+from kvbench.methods.plugins import source_version
+from kvbench.results.store import ResultFile, Shard
 
 # Bump when the engine's decoding rules change (anything that can move a score).
 ENGINE_VERSION = "engine-v1"
 SCOPES = ("full", "context")
+DATA = ("auto", "hub", "local", "sample")
 
 
 @dataclass
 class RunOptions:
-    model: str = "smollm2-135m"
-    method: str = "fullkv"
-    ratios: list[float] | None = None
-    budget: int | None = None
-    tasks: str = "synthetic"
-    data: str = "auto"
+    """Every option of `kvbench run`, typed. The CLI parses its flags into these fields and kvbench.evaluate
+    takes them as keywords (api.py derives its keywords from here), so a field added here is an option of both.
+    Errors about a field name it as `{field}` (errors.InputError), which each front end spells its own way."""
+
+    model: str | models.LoadedModel = "smollm2-135m"  # alias, HF id, dir, .gguf, or a model already loaded
+    methods: tuple[str | Method, ...] = ("fullkv",)  # names, presets, package.module:Class, or instances
+    ratios: tuple[float, ...] | None = None
+    budgets: tuple[int, ...] | None = None
+    tasks: tuple[str, ...] = ("quick",)  # task and group names (data.task_groups)
+    data: str = "auto"  # auto | hub | local | sample (see data.open_source)
     data_dir: Path | None = None
     limit: int | None = None
-    results: Path = Path("results")
+    results: Path | None = Path("results")  # None: write nothing, keep the rows in memory
     device: str = "auto"
     dtype: str = "auto"
     scope: str = "full"
     gqa_reduce: str | None = None
-    method_args: dict[str, str] = field(default_factory=dict)
+    method_args: dict[str, Any] = field(default_factory=dict)  # values typed, or strings to parse
+    presets: Path | None = None  # a YAML file of the user's own presets
     max_length: int | None = None
     shard: Shard = field(default_factory=Shard)
     wait: bool = False
@@ -78,49 +85,26 @@ class RunSummary:
     model_loaded: bool = False
     manifest: Path | None = None
     files: list[Path] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # every row of the run's samples and plans
     model: str = ""  # the model's name as rows record it
-    results: Path = Path("results")
+    results: Path | None = Path("results")
     skipped: list[str] = field(default_factory=list)  # selected by a group (--tasks zh) but without data
 
 
-def parse_ratios(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            value = float(part)
-        except ValueError:
-            raise InputError(f"--ratio must be a number in (0, 1] or a comma list of them, got '{part}'") from None
-        if not 0 < value <= 1:
-            raise InputError(f"--ratio must be in (0, 1], got {part}")
-        values.append(value)
-    return values
-
-
-def parse_method_args(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise InputError(f"--method-arg must be key=value, got '{item}'")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 def budgets(opts: RunOptions) -> list[Budget]:
-    if opts.budget is not None and opts.ratios is not None:
-        raise InputError("give --ratio or --budget, not both")
-    if opts.budget is not None:
-        return [Budget(tokens=opts.budget)]
+    if opts.budgets is not None and opts.ratios is not None:
+        raise InputError("give {ratios} or {budgets}, not both", options=("ratios", "budgets"))
     out: list[Budget] = []
-    for ratio in opts.ratios or [0.1]:
-        budget = Budget(ratio=ratio)
+    if opts.budgets is not None:
+        values, option = [Budget(tokens=b) for b in opts.budgets], "budgets"
+    else:
+        values, option = [Budget(ratio=r) for r in (opts.ratios or [0.1])], "ratios"
+    for budget in values:
         # Two equal budgets would be one result file written twice by this very run: refused, since a
         # repeated value is more often a typo for another one than a wish to run it twice.
         if any(b.label == budget.label for b in out):
-            raise InputError(f"--ratio lists {ratio:g} twice; give each ratio once")
+            value = f"{budget.ratio:g}" if budget.ratio is not None else str(budget.tokens)
+            raise InputError(f"{{{option}}} lists {value} twice; give each {option[:-1]} once", options=(option,))
         out.append(budget)
     return out
 
@@ -134,18 +118,20 @@ def _format_param(value: Any) -> str:
     return str(value)
 
 
-def _label(name: str, choice: methods.MethodChoice, plain: methods.MethodChoice) -> str:
+def _label(name: str | Method, choice: methods.MethodChoice, plain: methods.MethodChoice) -> str:
     """The row's `method`: the canonical method name (an alias is another spelling of it) or the preset, plus
     the hyper-parameters --method-arg/--gqa-reduce set to something else, e.g. `snapkv(kernel_size=5)`; so
     two settings of one method are two rows of a table, never one cell mixing them."""
-    label = choice.base if name in methods.METHODS else choice.label
+    label = choice.base if isinstance(name, str) and name.strip().lower() in methods.METHODS else choice.label
     before, after = plain.method.params(), choice.method.params()
     changed = [f"{k}={_format_param(v)}" for k, v in after.items() if before.get(k) != v]
     return f"{label}({','.join(changed)})" if changed else label
 
 
 def build_plans(opts: RunOptions) -> list[Plan]:
-    names = methods.parse_method_list(opts.method)
+    specs: list[str | Method] = methods.METHODS.names() if list(opts.methods) == ["all"] else list(opts.methods)
+    if not specs:
+        raise InputError("{methods} is empty", options=("methods",))
     budget_list = budgets(opts)  # validated even when only fullkv (which ignores them) is selected
     overrides_all = dict(opts.method_args)
     if opts.gqa_reduce is not None:
@@ -153,25 +139,27 @@ def build_plans(opts: RunOptions) -> list[Plan]:
     choices: list[tuple[str, methods.MethodChoice]] = []
     used: set[str] = set()
     given: dict[str, str] = {}  # label -> the name that asked for it first
-    for name in names:
-        base = methods.build(name)  # validates the name
+    for spec in specs:
+        name = spec if isinstance(spec, str) else methods.build(spec).label
+        base = methods.build(spec, user_presets=opts.presets)  # validates the name
         # FullKV evicts nothing, so no hyper-parameter changes its rows: --gqa-reduce for the other methods of
         # a sweep must not make it a second FullKV configuration (and label). A wrapper's names include its
         # inner method's.
         fields = set() if base.base == "fullkv" else set(base.method.parameter_names())
         applicable = {k: v for k, v in overrides_all.items() if k in fields}
         used |= set(applicable)
-        choice = methods.build(name, applicable)
-        label = _label(name, choice, base)
+        choice = methods.build(spec, applicable, opts.presets)
+        label = _label(spec, choice, base)
         if label in given:  # one result file, written twice by this run: refused like a repeated ratio
             other = "" if given[label] == name else f" ('{given[label]}' and '{name}' are one method)"
-            raise InputError(f"--method lists {label.split('(')[0]} twice{other}; give each method once")
+            raise InputError(f"{{methods}} lists {label.split('(')[0]} twice{other}; give each method once",
+                             options=("methods",))
         given[label] = name
         choices.append((label, choice))
     unused = set(opts.method_args) - used
     if unused:
         key = sorted(unused)[0]
-        raise InputError(f"--method-arg {key}: no selected method has a parameter '{key}'")
+        raise InputError(f"{{method_args}} {key}: no selected method has a parameter '{key}'", options=("method_args",))
     plans: list[Plan] = []
     for label, choice in choices:
         granularity = storage_granularity(choice.method, opts.granularity)
@@ -195,39 +183,14 @@ def granularity_note(opts: RunOptions, plans: list[Plan]) -> str | None:
             "storing them g times would only waste memory)")
 
 
-def protocol_fields(spec: models.ModelSpec, identity: str, dtype: str, decode: str = "sequential",
-                    prefill_chunk: int = 0) -> dict[str, Any]:
-    """Everything outside the task and the method that changes a score."""
-    from kvbench import metrics
-
-    fields = {
-        "model_identity": identity,
-        "max_length": spec.max_length,
-        "chat": spec.chat,
-        "dtype": dtype,
-        "prompt_rules": prompts.PROMPT_RULES_VERSION,
-        "metrics": metrics.METRICS_VERSION,
-        "engine": ENGINE_VERSION,
-    }
-    # Sequential decoding of an unchunked prefill computes exactly what engine-v1 computed, so those rows keep
-    # engine-v1's fingerprint (and stay comparable and resumable); anything else can move the last bits.
-    if decode != "sequential":
-        fields["decode"] = decode
-    if prefill_chunk:
-        fields["prefill_chunk"] = prefill_chunk
-    return fields
-
-
 def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
-    fields = {"method": plan.method.name, "params": plan.method.params(), "budget": plan.budget.label, "scope": scope}
-    if plan.granularity != "kv_head":  # only then, so the fingerprints of kv_head rows stay what they were
-        fields["granularity"] = plan.granularity
-    artifacts = plan.method.artifacts()  # files the method reads (head tables), by sha256
-    if artifacts:
-        fields["artifacts"] = artifacts
-    version = getattr(type(plan.method), "version", 1)
-    if version != 1:  # version 1 adds nothing, so the fingerprints of rows written before versions existed hold
-        fields["version"] = version
+    """The fields config_fp is made of (kvbench.results.schema.config_fields), from a plan."""
+    fields = schema.config_fields(plan.method.name, plan.method.params(), plan.budget.label, scope,
+                                  getattr(type(plan.method), "version", 1), granularity=plan.granularity,
+                                  artifacts=plan.method.artifacts())
+    source = source_version(type(plan.method))
+    if source:  # only for a method defined outside kvbench: built-in fingerprints stay as they were
+        fields["code"] = source
     return fields
 
 
@@ -250,7 +213,8 @@ def rank_shard(opts: RunOptions) -> Shard:
     world = _env_int("WORLD_SIZE", 1)
     if world > 1:
         if opts.shard.count != 1:
-            raise InputError("--shard cannot be combined with a multi-process launch (WORLD_SIZE > 1)")
+            raise InputError("{shard} cannot be combined with a multi-process launch (WORLD_SIZE > 1)",
+                             options=("shard",))
         rank = _env_int("RANK", 0)
         if not 0 <= rank < world:
             raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}")
@@ -293,96 +257,43 @@ def score_generation(task: TaskSpec, sample: Sample, prediction: str) -> float:
     )
 
 
-def make_row(target: Target, sample: Sample, gen: Generation, prompt: prompts.Prompt, run_id: str,
-             model_name: str, protocol_fp: str, prefill_seconds: float, scope: str, prefilled: int,
-             peak_memory_bytes: int | None = None) -> dict[str, Any]:
-    plan = gen.plan
-    return {
-        "_id": sample.id,
-        "task": target.task.name,
-        "model": model_name,
-        "method": plan.label,
-        "method_base": plan.method.name,
-        "params": plan.method.params(),
-        "ratio": plan.budget.ratio,
-        "budget_tokens": plan.budget.tokens,
-        "budget": plan.budget.label,
-        "scope": scope,
-        "granularity": plan.granularity,
-        "prediction": gen.text,
-        "answers": list(sample.answers),
-        "all_classes": list(sample.all_classes) if sample.all_classes is not None else None,
-        "length": sample.length,
-        "score": score_generation(target.task, sample, gen.text),
-        "prompt_tokens": prompt.n_tokens,
-        "prompt_tokens_untruncated": prompt.n_original_tokens,
-        "prefilled_tokens": prefilled,
-        "kept_tokens": gen.kept_per_layer,
-        "kept_tokens_mean": sum(gen.kept_per_layer) / len(gen.kept_per_layer),
-        "cache_bytes": gen.cache_bytes,
-        "cache_bytes_allocated": gen.cache_bytes_allocated,
-        "full_cache_bytes": gen.full_cache_bytes,
-        **storage_fields(gen, prefilled),
-        "max_cache_tokens": gen.max_cache_tokens,
-        # evidence_tokens, evidence_retention (per layer), _mean, _min, layer_overlap: see results/README.md
-        **evidence.row_fields(target.task, sample, prompt, gen.kept_indices, gen.kept_per_layer, prefilled),
-        "generated_tokens": len(gen.token_ids),
-        "token_ids": list(gen.token_ids),  # `kvbench compare` names the first differing token of a changed answer
-        "decode": gen.decode,
-        "prefill_seconds": round(prefill_seconds, 4),
-        "decode_seconds": round(gen.decode_seconds, 4),
-        "peak_memory_bytes": peak_memory_bytes,
-        "protocol_fp": protocol_fp,
-        "task_fp": target.task_fp,
-        "config_fp": target.config_fp,
-        "run_id": run_id,
-    }
-
-
-def storage_fields(gen: Generation, prefilled: int) -> dict[str, Any]:
-    """methods-2.md §1.8: token keep ratio (kept entries / (layers x KV heads x prefilled tokens)), byte ratio
-    (cache_bytes / full_cache_bytes), whether cache_bytes is physical or the formula's bytes of a simulated
-    layout, and the bytes after each transform stage."""
-    layers = len(gen.kept_per_layer)
-    heads = len(gen.kept_indices[0].lengths) if gen.kept_indices else 0
-    slots = layers * heads * prefilled
-    return {
-        "token_keep_ratio": round(gen.kept_entries / slots, 6) if slots else 1.0,
-        "byte_ratio": round(gen.cache_bytes / gen.full_cache_bytes, 6) if gen.full_cache_bytes else None,
-        "storage": gen.storage,
-        "stages": [{"stage": stage, "bytes": nbytes} for stage, nbytes in gen.stages] if gen.stages else None,
-    }
-
-
 def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = None) -> RunSummary:
     # ---- 1. validate everything before touching the disk or loading weights ----
     if opts.limit is not None and opts.limit < 0:
-        raise InputError(f"--limit must be >= 0, got {opts.limit}")
+        raise InputError(f"{{limit}} must be >= 0, got {opts.limit}", options=("limit",))
     if opts.limit == 0:
-        raise InputError("--limit 0 selects no sample; give --limit N with N >= 1, or leave it out for every sample")
+        raise InputError("{limit} 0 selects no sample; give {limit} N with N >= 1, or leave it out for every sample",
+                         options=("limit",))
     if opts.scope not in SCOPES:
-        raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got '{opts.scope}'")
+        raise InputError(f"{{scope}} must be one of {', '.join(SCOPES)}, got '{opts.scope}'", options=("scope",))
     if opts.decode not in DECODE_MODES:
-        raise InputError(f"--decode must be one of {', '.join(DECODE_MODES)}, got '{opts.decode}'")
+        raise InputError(f"{{decode}} must be one of {', '.join(DECODE_MODES)}, got '{opts.decode}'",
+                         options=("decode",))
     if opts.prefill_chunk < 0:
-        raise InputError(f"--prefill-chunk must be a number of tokens >= 0 (0: no chunking), got {opts.prefill_chunk}")
+        raise InputError(f"{{prefill_chunk}} must be a number of tokens >= 0 (0: no chunking), got "
+                         f"{opts.prefill_chunk}", options=("prefill_chunk",))
     if opts.granularity not in GRANULARITIES:
-        raise InputError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{opts.granularity}'")
+        raise InputError(f"{{granularity}} must be one of {', '.join(GRANULARITIES)}, got '{opts.granularity}'",
+                         options=("granularity",))
     if opts.device_map not in (None, "auto"):
-        raise InputError(f"--device-map must be auto, got '{opts.device_map}'")
-    if opts.data not in ("auto", "hub", "local"):
-        raise InputError(f"--data must be auto, hub or local, got '{opts.data}'")
+        raise InputError(f"{{device_map}} must be auto, got '{opts.device_map}'", options=("device_map",))
+    if opts.data not in DATA:
+        raise InputError(f"{{data}} must be {', '.join(DATA[:-1])} or {DATA[-1]}, got '{opts.data}'", options=("data",))
     if opts.data == "local" and opts.data_dir is None:
-        raise InputError("--data local needs --data-dir DIR")
-    outputs.check_dir(opts.results, "--results", probe=False)  # writability: once there is work (step 2)
-    spec = models.resolve_model(opts.model, opts.max_length)
+        raise InputError("{data} local needs {data_dir} DIR", options=("data", "data_dir"))
+    if opts.results is not None:  # writability: once there is work (step 2)
+        outputs.check_dir(opts.results, "{results}", probe=False)
+    preloaded = opts.model if isinstance(opts.model, models.LoadedModel) else None
+    spec = preloaded.spec if preloaded else models.resolve_model(opts.model, opts.max_length)
     shard = rank_shard(opts)
     plans = build_plans(opts)
     task_specs = data.select_tasks(opts.tasks)
+    device = rank_device(opts.device)
+    dtype = str(preloaded.dtype).replace("torch.", "") if preloaded else dtype_name(opts, spec, device)
     sources = data.open_source(
-        opts.data, opts.data_dir, task_specs, models.cache_root(), opts.synthetic_length, opts.hub_revision
+        opts.data, opts.data_dir, task_specs, models.cache_root(), opts.synthetic_length, opts.hub_revision, log
     )
-    explicit = {p.strip() for p in opts.tasks.split(",")}
+    explicit = set(opts.tasks)
     runnable: list[TaskSpec] = []
     skipped: list[str] = []  # named at the end of the run, where it is read
     for task in task_specs:
@@ -399,26 +310,26 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     for task in runnable:
         picked = list(sources[task.name].samples(task, opts.limit))
         samples[task.name] = [s for i, s in enumerate(picked) if shard.owns(i)]
-    device = rank_device(opts.device)
-    dtype = dtype_name(opts, spec, device)
-    identity = models.model_identity(spec)
+    identity = preloaded.identity if preloaded else models.model_identity(spec)
     for plan in plans:  # head tables of the run's model (HeadKV, DuoAttention): part of the fingerprints
         plan.method.bind_model(identity, spec.name)
-    protocol = protocol_fields(spec, identity, dtype, opts.decode, opts.prefill_chunk)
-    protocol_fp = digest(protocol)
+    protocol = schema.protocol_fields(
+        model_identity=identity, max_length=spec.max_length, chat=spec.chat, dtype=dtype,
+        prompt_rules=prompts.PROMPT_RULES_VERSION, metrics=metrics.METRICS_VERSION, engine=ENGINE_VERSION,
+        decode=opts.decode, prefill_chunk=opts.prefill_chunk)
+    protocol_fp = schema.protocol_fp(protocol)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
     # ---- 2. find what is already done: read only, nothing created, a live writer refused now ----
     targets: list[Target] = []
     summary = RunSummary(model=spec.name, results=opts.results, skipped=skipped)
     for task in runnable:
-        task_fp = digest({"task": task.fingerprint_fields(), "data": sources[task.name].identity(task),
-                          "protocol": protocol_fp})
+        task_fp = schema.task_fp(task.fingerprint_fields(), sources[task.name].identity(task), protocol_fp)
         for plan in plans:
-            config_fp = digest({"config": config_fields(plan, opts.scope), "task_fp": task_fp})
-            path = store.result_path(opts.results, spec.slug, task.name, plan.label, plan.budget.label,
+            config_fp = schema.config_fp(config_fields(plan, opts.scope), task_fp)
+            path = store.result_path(opts.results or Path(), spec.slug, task.name, plan.label, plan.budget.label,
                                      opts.scope, config_fp, shard)
-            file = ResultFile(path, wait=opts.wait)
+            file = ResultFile(path, wait=opts.wait) if opts.results is not None else MemoryFile(path)
             file.lock.check()
             targets.append(Target(task, plan, config_fp, task_fp, file, file.done()))
             summary.files.append(path)
@@ -431,19 +342,21 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     def all_done() -> RunSummary:
         log(describe_run(runnable, sources))
         log(f"all {n_samples} samples x {len(plans)} configs done ({summary.rows_done_before} rows); nothing to run")
+        summary.rows = _rows(targets, samples)
         skipped_note()
         return summary
 
     pending, total = _pending(runnable, targets, samples, summary)
     if total == 0:
         return all_done()
-    outputs.check_dir(opts.results, "--results")
+    if opts.results is not None:
+        outputs.check_dir(opts.results, "{results}")
 
     # ---- 3. check the model (RoPE, tokenizer) and that every pending prompt fits it from its config and
     # tokenizer alone, then load the weights: bad input is refused before anything is written ----
-    pre = models.preflight(spec, opts.trust_remote_code)
-    max_positions = getattr(pre.config, "max_position_embeddings", None)
-    check_prompts(runnable, pending, pre.tokenizer, spec, max_positions, plans)
+    pre = None if preloaded else models.preflight(spec, opts.trust_remote_code)
+    max_positions = getattr(preloaded.model.config if preloaded else pre.config, "max_position_embeddings", None)
+    check_prompts(runnable, pending, preloaded.tokenizer if preloaded else pre.tokenizer, spec, max_positions, plans)
     log(describe_run(runnable, sources))
     for label, stages in {p.label: p.method.stages() for p in plans if p.method.stages()}.items():
         log(f"{label}: select -> {' -> '.join(stages)}; storage simulated in the model dtype, cache_bytes are "
@@ -451,8 +364,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
     note = granularity_note(opts, plans)
     if note:
         log(note)
-    log(f"{total} of {n_samples} samples pending; loading {spec.name} ...")
-    loaded = models.load_model(spec, device, dtype, opts.trust_remote_code, pre, opts.device_map)
+    log(f"{total} of {n_samples} samples pending" + ("" if preloaded else f"; loading {spec.name} ..."))
+    loaded = preloaded or models.load_model(spec, device, dtype, opts.trust_remote_code, pre, opts.device_map)
     summary.model_loaded = True
 
     # ---- 4. take the locks, repair torn tails, and look again (another process may have written meanwhile) ----
@@ -464,11 +377,12 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             return all_done()
 
         # ---- 5. run ----
-        manifest_path = opts.results / spec.slug / "manifests" / f"{run_id}.json"
+        device_label = device_name(loaded.device)
+        manifest_path = (opts.results or Path()) / spec.slug / "manifests" / f"{run_id}.json"
         manifest = {
             "run_id": run_id,
             "argv": sys.argv,
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items() if k != "shard"},
+            "options": {k: _jsonable(v) for k, v in opts.__dict__.items() if k != "shard"},
             "shard": f"{shard.index}/{shard.count}",
             "protocol": protocol,
             "protocol_fp": protocol_fp,
@@ -478,12 +392,13 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             "versions": versions(),
             "git_commit": git_commit(),
             "device": str(loaded.device),
-            "device_name": _device_name(loaded.device),
+            "device_name": device_label,
             "stop_ids": sorted(loaded.stop_ids),
             "status": "running",
         }
-        store.write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
-        summary.manifest = manifest_path
+        if opts.results is not None:
+            store.write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+            summary.manifest = manifest_path
         gen_config = getattr(loaded.model, "generation_config", None)
         engine = Engine(loaded.model, loaded.tokenizer, float(getattr(gen_config, "repetition_penalty", None) or 1.0),
                         decode=opts.decode, prefill_chunk=opts.prefill_chunk)
@@ -496,8 +411,14 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
                 result = engine.run(prompt, [t.plan for t in missing], opts.scope, sample.id, opts.seed)
                 summary.prefills += 1
                 for target, gen in zip(missing, result.generations):
-                    row = make_row(target, sample, gen, prompt, run_id, spec.name, protocol_fp,
-                                   result.prefill_seconds, opts.scope, result.n_prefilled, result.peak_memory_bytes)
+                    row = schema.build_row(schema.RowInputs(
+                        task=task, sample=sample, gen=gen, prompt=prompt, model=spec.name, scope=opts.scope,
+                        score=score_generation(task, sample, gen.text),
+                        evidence=evidence.row_fields(task, sample, prompt, gen.kept_indices, gen.kept_per_layer,
+                                                     result.n_prefilled),
+                        prefilled=result.n_prefilled, prefill_seconds=result.prefill_seconds,
+                        peak_memory_bytes=result.peak_memory_bytes, device=device_label,
+                        run_id=run_id, fps=schema.Fingerprints(protocol_fp, target.task_fp, target.config_fp)))
                     target.file.append(row)
                     summary.rows_written += 1
                     summary.decodes += 1
@@ -505,7 +426,9 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
                     progress.advance(result.prefill_seconds, sum(g.decode_seconds for g in result.generations))
         manifest.update(status="complete", prefills=summary.prefills, decodes=summary.decodes,
                         rows_written=summary.rows_written)
-        store.write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+        if opts.results is not None:
+            store.write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+        summary.rows = _rows(targets, samples)
         log(f"done: {summary.rows_written} rows written from {summary.prefills} prefills "
             f"(one per sample) and {summary.decodes} decodes; {summary.rows_done_before} rows were already done")
         skipped_note()
@@ -515,6 +438,55 @@ def run(opts: RunOptions, log: Callable[[str], None] = print, progress: Any = No
             progress.stop()
         for target in targets:
             target.file.close()
+
+
+class MemoryFile:
+    """A result file that only keeps its rows in memory (kvbench.evaluate(results=None) writes nothing)."""
+
+    class _NoLock:
+        def check(self) -> None:
+            pass
+
+    def __init__(self, path: Path):
+        self.path, self.rows, self.lock = path, [], self._NoLock()
+
+    def open(self) -> set[str]:
+        return self.done()
+
+    def done(self) -> set[str]:
+        return {row["_id"] for row in self.rows}
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def close(self) -> None:
+        pass
+
+
+def _rows(targets: list[Target], samples: dict[str, list[Sample]]) -> list[dict[str, Any]]:
+    """The rows of the run's samples and plans, new or written before: per task, per sample, per plan."""
+    out = []
+    for task, task_samples in samples.items():
+        files = [t.file for t in targets if t.task.name == task]
+        by_file = [{r["_id"]: r for r in (f.rows if isinstance(f, MemoryFile) else store.read_rows(f.path))}
+                   for f in files]
+        out += [rows[s.id] for s in task_samples for rows in by_file if s.id in rows]
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """An option as the manifest records it: paths and methods as text, tuples as lists."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Method):
+        return f"{type(value).__module__}:{type(value).__qualname__}({value.describe()})"
+    if isinstance(value, models.LoadedModel):
+        return f"loaded model {value.spec.name} ({value.identity})"
+    return str(value)
 
 
 def describe_run(runnable: list[TaskSpec], sources: dict[str, data.DataSource]) -> str:
@@ -548,8 +520,9 @@ def check_prompts(runnable: list[TaskSpec], pending: dict[str, list[tuple[Sample
     if not evicts:
         plus = ", plus the new tokens for continuous methods" if any(p.method.continuous for p in by_tokens) else ""
         raise InputError(
-            f"--budget {by_tokens[0].budget.tokens} keeps every token of every prompt (the longest has {longest} "
-            f"tokens{plus}): each method would equal FullKV; give a smaller --budget, or --ratio")
+            f"{{budgets}} {by_tokens[0].budget.tokens} keeps every token of every prompt (the longest has {longest} "
+            f"tokens{plus}): each method would equal FullKV; give a smaller {{budgets}}, or {{ratios}}",
+            options=("budgets", "ratios"))
 
 
 def _pending(runnable: list[TaskSpec], targets: list[Target], samples: dict[str, list[Sample]],
@@ -569,9 +542,17 @@ def _pending(runnable: list[TaskSpec], targets: list[Target], samples: dict[str,
     return pending, total
 
 
-def _device_name(device: Any) -> str:
+def device_name(device: Any) -> str:
+    """What the row's `device` field holds: the GPU's name, or the CPU's model name (timings are compared only
+    between rows of the same name)."""
     if device.type == "cuda":
         import torch
 
         return torch.cuda.get_device_name(device)
+    try:  # Linux: the CPU model (e.g. "AMD EPYC"); platform.processor() only says "x86_64" there
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()

@@ -1,5 +1,9 @@
 """Score LongBench v1 / LongBench-E prediction files the way the official ``eval.py`` does.
 
+The task metadata (metric per task, first-line rule, LongBench-E tasks, categories and their order) is
+not repeated here: it is read from kvbench/tasks/longbench.yaml, the same data `kvbench run` uses
+(tests/test_tasks.py checks it against the official config and eval.py).
+
 Official facts reproduced here (THUDM/LongBench ``LongBench/eval.py``):
 
 * trec, triviaqa, samsum, lsht only: ``prediction.lstrip('\\n').split('\\n')[0]`` before scoring.
@@ -16,13 +20,9 @@ Official facts reproduced here (THUDM/LongBench ``LongBench/eval.py``):
   **last** row's ``all_classes``. We do the same (for merged shards: the last row of the last shard).
 * A file with no rows would divide by zero officially; here it is an InputError.
 
-Speed (2-core dev box, the 21 reference files, 4,750 predictions): about 2 s in all, vs 16 s for
-the official eval. The largest items: jieba's one-off dictionary load (0.5 s from its cache file,
-about 1 s the first time), vcsum (0.5 s: jieba segmentation of long Chinese texts plus ROUGE-L),
-gov_report (0.3 s ROUGE-L) and dureader (0.25 s). With the pltrdy package itself, ROUGE-L would
-dominate (15 s of the 16, 7 s on gov_report); ``kvbench.metrics`` re-implements it exactly. Caching
-is limited to jieba segmentation of identical strings (a pure function; see
-``metrics.jieba_segment``).
+ROUGE-L comes from ``kvbench.metrics``, which re-implements the pltrdy package exactly: the package itself
+would take most of the scoring time (scripts/BENCHMARKS.md, "Reading results"). The only cache is jieba's
+segmentation of identical strings, a pure function (``metrics.jieba_segment``), so caching cannot change a score.
 """
 
 from __future__ import annotations
@@ -37,67 +37,28 @@ from pathlib import Path
 
 import numpy as np
 
-from kvbench import metrics
+from kvbench import data, metrics
 from kvbench.errors import InputError
 
-#: Metric name of each of the 21 LongBench v1 tasks (official ``dataset2metric``).
-TASK_METRIC: dict[str, str] = {
-    "narrativeqa": "qa_f1",
-    "qasper": "qa_f1",
-    "multifieldqa_en": "qa_f1",
-    "multifieldqa_zh": "qa_f1_zh",
-    "hotpotqa": "qa_f1",
-    "2wikimqa": "qa_f1",
-    "musique": "qa_f1",
-    "dureader": "rouge_zh",
-    "gov_report": "rouge",
-    "qmsum": "rouge",
-    "multi_news": "rouge",
-    "vcsum": "rouge_zh",
-    "trec": "classification",
-    "triviaqa": "qa_f1",
-    "samsum": "rouge",
-    "lsht": "classification",
-    "passage_count": "count",
-    "passage_retrieval_en": "retrieval",
-    "passage_retrieval_zh": "retrieval_zh",
-    "lcc": "code_sim",
-    "repobench-p": "code_sim",
-}
 
-#: Tasks whose prediction is cut to its first line (after leading newlines) before scoring.
-FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
+def _v1_tables() -> tuple[dict[str, str], frozenset[str], frozenset[str], dict[str, str]]:
+    specs = data.load_task_specs()
+    titles = data.category_titles()
+    v1 = [s for s in specs.values() if not s.synthetic and not s.longbench_e]
+    # Tasks in table order: by category (the YAML's category order), then in the YAML's task order.
+    v1.sort(key=lambda s: list(titles).index(s.category))
+    return (
+        {s.name: s.metric for s in v1},
+        frozenset(s.name for s in v1 if s.first_line),
+        frozenset(s.base for s in specs.values() if s.longbench_e),
+        {s.name: titles[s.category] for s in v1},
+    )
 
-#: Tasks that LongBench-E provides as ``<task>_e``.
-LONGBENCH_E_TASKS = frozenset({
-    "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec",
-    "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
-})
 
-#: Category of each task (protocol doc / LongBench paper).
-CATEGORY: dict[str, str] = {
-    "narrativeqa": "Single-Doc QA",
-    "qasper": "Single-Doc QA",
-    "multifieldqa_en": "Single-Doc QA",
-    "multifieldqa_zh": "Single-Doc QA",
-    "hotpotqa": "Multi-Doc QA",
-    "2wikimqa": "Multi-Doc QA",
-    "musique": "Multi-Doc QA",
-    "dureader": "Multi-Doc QA",
-    "gov_report": "Summarization",
-    "qmsum": "Summarization",
-    "multi_news": "Summarization",
-    "vcsum": "Summarization",
-    "trec": "Few-shot",
-    "triviaqa": "Few-shot",
-    "samsum": "Few-shot",
-    "lsht": "Few-shot",
-    "passage_count": "Synthetic",
-    "passage_retrieval_en": "Synthetic",
-    "passage_retrieval_zh": "Synthetic",
-    "lcc": "Code",
-    "repobench-p": "Code",
-}
+#: Metric name of each of the 21 LongBench v1 tasks (official ``dataset2metric``); tasks with the first-line
+#: cut (trec, triviaqa, samsum, lsht); the tasks LongBench-E provides as ``<task>_e``; the category title of
+#: each task. All from kvbench/tasks/longbench.yaml.
+TASK_METRIC, FIRST_LINE_TASKS, LONGBENCH_E_TASKS, CATEGORY = _v1_tables()
 
 #: Display order: the protocol doc's table order (tasks within a category in its order).
 TASK_ORDER: tuple[str, ...] = tuple(CATEGORY)
@@ -383,21 +344,23 @@ def _fmt(value: float) -> str:
 
 def render_score_table(report: ScoreReport) -> str:
     """Markdown table: one row per task, then the two averages."""
+    from kvbench.results import render
+
     has_buckets = bool(report.buckets)
     header = ["task", "category", "metric", "n", "score"] + (list(BUCKETS) if has_buckets else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    rows, bold = [], []
     for task, score in report.scores.items():
         cells = [task, CATEGORY[base_task(task)], metric_for_task(task), str(report.n_samples[task]), _fmt(score)]
         if has_buckets:
             b = report.buckets.get(task)
             cells += [_fmt(b[k]) if b else "" for k in BUCKETS]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+        bold.append([False] * len(cells))
     if report.scores:
         pad = [""] * (len(BUCKETS) if has_buckets else 0)
-        n = len(report.scores)
-        lines.append("| " + " | ".join([f"**average ({n} tasks)**", "", "", "", f"**{average(report.scores):.2f}**"] + pad) + " |")
+        rows.append([f"average ({len(report.scores)} tasks)", "", "", "", f"{average(report.scores):.2f}", *pad])
+        bold.append([True] * len(header))
         ncat = len(category_means(report.scores))
-        lines.append(
-            "| " + " | ".join([f"average of {ncat} category means", "", "", "", f"{category_average(report.scores):.2f}"] + pad) + " |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([f"average of {ncat} category means", "", "", "", f"{category_average(report.scores):.2f}", *pad])
+        bold.append([False] * len(header))
+    return "\n".join(render.markdown(header, rows, 3, bold)) + "\n"

@@ -670,11 +670,15 @@ def p5(args: argparse.Namespace) -> None:
 
 
 # ---- P6: what batching does to the numbers ---------------------------------------------------------------------
-def every_method_plans(ratios: list[float]) -> list:
-    from kvbench import methods
+def every_method_plans(ratios: list[float], model: str, max_length: int) -> list:
+    from kvbench import methods, models
 
     names = list(methods.METHODS.names()) + [p for p in methods.presets() if p not in methods.METHODS]
-    return make_plans(",".join(names), ratios)
+    plans = make_plans(",".join(names), ratios)
+    spec = models.resolve_model(model, max_length)
+    for plan in plans:  # HeadKV's and DuoAttention's head tables of this model, as `kvbench run` binds them
+        plan.method.bind_model(models.model_identity(spec), spec.name)
+    return plans
 
 
 def p6(args: argparse.Namespace) -> None:
@@ -684,7 +688,7 @@ def p6(args: argparse.Namespace) -> None:
     loaded = load_model(args)
     header("P6 batched vs sequential decoding", args)
     items = pick_items(loaded, args)
-    plans = every_method_plans(args.ratios)
+    plans = every_method_plans(args.ratios, args.model, args.max_length)
     print(f"   {len(plans)} plans per prompt (every method and preset x {args.ratios}, plus FullKV)", flush=True)
     engines = {mode: engine_for(loaded, mode) for mode in ("sequential", "batched")}
     first_forward: dict[tuple[str, str], torch.Tensor] = {}

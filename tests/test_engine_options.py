@@ -21,7 +21,8 @@ def one_thread():
 
 
 def run_rows(tmp_path, model_dir, data_dir, **options):
-    opts = runner.RunOptions(model=str(model_dir), method="fullkv,snapkv,h2o", ratios=[0.3], tasks="multifieldqa_en",
+    opts = runner.RunOptions(model=str(model_dir), methods=('fullkv', 'snapkv', 'h2o'), ratios=[0.3],
+                             tasks=("multifieldqa_en",),
                              data_dir=data_dir, limit=2, results=tmp_path, device="cpu", **options)
     runner.run(opts, log=lambda _: None)
     return store.load_all_rows(tmp_path)

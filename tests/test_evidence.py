@@ -179,8 +179,9 @@ def test_run_rows_carry_evidence_and_overlap(tiny_model_dir, tmp_path):
     from kvbench import runner
     from kvbench.results import store
 
-    opts = runner.RunOptions(model=str(tiny_model_dir), method="fullkv,streamingllm_prefill,snapkv", ratios=[0.3],
-                             tasks="passkey_en", limit=2, synthetic_length=60, results=tmp_path, device="cpu")
+    opts = runner.RunOptions(model=str(tiny_model_dir), methods=("fullkv", "streamingllm_prefill", "snapkv"),
+                             ratios=(0.3,), tasks=("passkey_en",), limit=2, synthetic_length=60, results=tmp_path,
+                             device="cpu")
     runner.run(opts, log=lambda _: None)
     rows = {(r["method"], r["_id"]): r for r in store.load_all_rows(tmp_path)}
     assert len(rows) == 6

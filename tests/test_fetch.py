@@ -4,9 +4,12 @@ and the fetched Qwen2.5-Coder model itself (slow, skipped when it is not on this
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 
 from kvbench import fetch, models
 from kvbench.errors import InputError, KvbenchError, ModelUnavailableError
+from kvbench.results.lock import FileLock
 
 ALIAS = "qwen2.5-coder-0.5b"
 
@@ -289,3 +293,27 @@ def test_fetched_qwen_chat_template(qwen):
     )
     assert "<|im_start|>user\nhello<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_a_second_fetch_waits_for_the_first_naming_it(cache, index):
+    """A fetch already under way (its lock held) makes a second one wait, saying for whom, then find it done."""
+    _fetch(index)  # the file is there: the waiter will find it verified
+    index.calls.clear()
+    target = cache / "downloads" / "fake-model.gguf"
+    holder = FileLock(target)
+    holder.acquire()
+    messages: list[str] = []
+    done = threading.Thread(target=lambda: _fetch(index, log=messages.append))
+    done.start()
+    try:
+        for _ in range(200):
+            if messages:
+                break
+            done.join(0.05)
+        assert done.is_alive(), "the second fetch did not wait for the lock"
+        assert messages[0] == f"{target} is being written by process {os.getpid()} on {socket.gethostname()}; waiting for it"
+    finally:
+        holder.release()
+    done.join(30)
+    assert not done.is_alive() and index.calls == []
+    assert any("ready" in m for m in messages)

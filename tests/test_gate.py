@@ -27,7 +27,8 @@ def make_rows(method: str, budget: str, task: str, run_id: str = "run-base") -> 
         ids = [100 + i, 200 + i, 300 + i]
         rows.append({
             "_id": f"{task}-{i:02d}", "task": task, "model": "m", "method": method, "method_base": method,
-            "budget": budget, "score": 1.0 if i % 4 else 0.0, "prediction": f"answer {i} of {task}", "token_ids": ids,
+            "budget": budget, "score": 1.0 if i % 4 else 0.0, "prediction": f"answer {i} of {task}",
+            "generated_token_ids": ids,
             "generated_tokens": len(ids), "prefilled_tokens": 1000 + 10 * i, "prefill_seconds": 0.5 + 0.01 * i,
             "decode_seconds": 0.03 * len(ids), "cache_bytes": 4096 * (1 + i), "peak_memory_bytes": 10_000_000 + i,
             "length": 1000, "protocol_fp": "proto", "task_fp": f"t-{task}", "config_fp": f"c-{task}-{method}-{budget}",
@@ -103,7 +104,7 @@ def test_an_identical_rerun_passes_every_check(base, tmp_path, capsys):
 def test_one_edited_prediction_fails_exact_naming_the_sample(base, tmp_path, capsys):
     def change(row):
         if row["method"] == "snapkv" and row["_id"] == "hotpotqa-07":
-            return {**row, "prediction": "answer 7 of hotpotqa, and more", "token_ids": [107, 207, 999, 5]}
+            return {**row, "prediction": "answer 7 of hotpotqa, and more", "generated_token_ids": [107, 207, 999, 5]}
 
     new = new_set(tmp_path, change)
     code, out, err = cli(["compare", str(base), str(new), "--exact"], capsys)
@@ -121,7 +122,9 @@ def test_one_edited_prediction_fails_exact_naming_the_sample(base, tmp_path, cap
 def test_first_difference_without_token_ids_falls_back_to_characters():
     assert exact.first_difference({"prediction": "abcd"}, {"prediction": "abXd"}) == \
         "character 2 (no token ids stored)"
-    assert exact.first_difference({"token_ids": [1, 2]}, {"token_ids": [1, 2, 3]}) == "token 2: (end) -> 3"
+    assert exact.first_difference({"generated_token_ids": [1, 2]}, {"generated_token_ids": [1, 2, 3]}) == \
+        "token 2: (end) -> 3"
+    assert exact.first_difference({"token_ids": [5]}, {"generated_token_ids": [6]}) == "token 0: 5 -> 6"
 
 
 def test_a_planted_significant_drop_fails_the_score_check(base, tmp_path, capsys):
@@ -131,7 +134,7 @@ def test_a_planted_significant_drop_fails_the_score_check(base, tmp_path, capsys
 
     def change(row):
         if row["method"] == "snapkv" and row["_id"] in wrong:
-            return {**row, "score": 0.0, "prediction": "wrong", "token_ids": [1]}
+            return {**row, "score": 0.0, "prediction": "wrong", "generated_token_ids": [1]}
 
     new = new_set(tmp_path, change)
     code, out, err = cli(["compare", str(base), str(new)], capsys)
@@ -145,7 +148,7 @@ def test_a_planted_significant_drop_fails_the_score_check(base, tmp_path, capsys
 def test_one_answer_changed_by_noise_passes_the_score_check(base, tmp_path, capsys):
     def change(row):
         if row["method"] == "snapkv" and row["_id"] == "hotpotqa-01":
-            return {**row, "score": 0.0, "prediction": "noise", "token_ids": [1]}
+            return {**row, "score": 0.0, "prediction": "noise", "generated_token_ids": [1]}
 
     new = new_set(tmp_path, change)
     code, out, err = cli(["compare", str(base), str(new)], capsys)
@@ -200,7 +203,7 @@ def test_more_cache_bytes_fail_the_cost_check_on_any_device(base, tmp_path):
 def test_junit_parses_with_the_expected_failures(base, tmp_path, capsys):
     def change(row):
         if row["method"] == "snapkv" and row["_id"] == "multifieldqa_en-03":
-            return {**row, "prediction": "changed", "token_ids": [103, 1]}
+            return {**row, "prediction": "changed", "generated_token_ids": [103, 1]}
         return slower(1.5)(row) if row["task"] == "hotpotqa" else None
 
     new = new_set(tmp_path, change)

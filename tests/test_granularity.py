@@ -249,12 +249,12 @@ def test_fingerprints_move_only_under_query_head():
     assert "granularity" not in runner.config_fields(plan, "full")
     qh = Plan("snapkv", plan.method, plan.budget, "query_head")
     assert runner.config_fields(qh, "full")["granularity"] == "query_head"
-    opts = runner.RunOptions(method="snapkv,streamingllm,fullkv", granularity="query_head")
+    opts = runner.RunOptions(methods=('snapkv', 'streamingllm', 'fullkv'), granularity="query_head")
     plans = runner.build_plans(opts)
     assert [(p.label, p.granularity) for p in plans] == [
         ("snapkv", "query_head"), ("streamingllm", "kv_head"), ("fullkv", "kv_head")]
     assert "streamingllm" in runner.granularity_note(opts, plans)
-    assert runner.granularity_note(runner.RunOptions(method="snapkv"), runner.build_plans(runner.RunOptions())) is None
+    assert runner.granularity_note(runner.RunOptions(methods=('snapkv',)), runner.build_plans(runner.RunOptions())) is None
 
 
 def test_run_rows_report_granularity_and_g_times_the_bytes(tiny_model_dir, tiny_data_dir, tmp_path, capsys):

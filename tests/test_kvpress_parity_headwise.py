@@ -5,6 +5,7 @@ ragged selection does NOT keep.
 
 - AdaKV(SnapKV w = 4, k = 5, avg) at cr 0.5 and 0.8: kvbench `adakv` over `snapkv` with kvpress's settings;
 - CriticalAdaKV(SnapKV w = 4) likewise: kvbench `critical_adakv`;
+- AdaKV(ExpectedAttention) at epsilon 0 and 1e-2: kvbench's expected_attention_adakv presets;
 - DuoAttention with an injected pattern (sink 8, recent 16, head ratio 0.5): the masked set (streaming heads x
   [8, T - 16)) and the compression ratio kvpress reports.
 
@@ -55,6 +56,7 @@ def save_reference_llama(path: Path) -> Path:
     return path
 
 
+EA_EPSILONS = (0.0, 1e-2)  # the bare press's default, and kvpress's leaderboard "expected_attention"
 DUO_PATTERN = torch.rand(2, 2, generator=torch.Generator().manual_seed(3)).tolist()  # untied gates
 DUO_TEXTS = ["The lighthouse keeper counted ships every night. " * 12, "Rain fell on the quiet harbour town. " * 9,
              "A list: apples, pears, plums, figs, and more apples. " * 7]
@@ -77,6 +79,8 @@ def theirs(kvpress_python, reference) -> dict:
     folder, _, context, question = reference
     presses = [{"name": name, "compression_ratio": cr, "window_size": 4, "kernel_size": 5}
                for name in ("adakv", "critical_adakv") for cr in RATIOS]
+    presses += [{"name": "adakv", "inner": "expected_attention", "epsilon": eps, "compression_ratio": cr}
+                for eps in EA_EPSILONS for cr in RATIOS]
     presses.append({"name": "duo_attention", "pattern": DUO_PATTERN, "sink": 8, "recent": 16,
                     "head_compression_ratio": 0.5})
     requests = [{"op": "run", "context_ids": context, "question_ids": question, "max_new_tokens": 1, "masked": True,
@@ -88,8 +92,9 @@ def theirs(kvpress_python, reference) -> dict:
     lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert lines[0]["ready"]
     results = lines[1]["results"]
-    return {"adakv": results[0:2], "critical_adakv": results[2:4], "duo_attention": results[4],
-            "duo_on_the_fly": lines[2]["scores"]}
+    n_ea = len(EA_EPSILONS) * len(RATIOS)
+    return {"adakv": results[0:2], "critical_adakv": results[2:4], "adakv_expected_attention": results[4:4 + n_ea],
+            "duo_attention": results[4 + n_ea], "duo_on_the_fly": lines[2]["scores"]}
 
 
 def kvbench_selections(loaded, context: list[int], question: list[int], plans: list[Plan]) -> list[list[Selection]]:
@@ -121,6 +126,37 @@ def test_adakv_snapkv_masks_what_kvpress_masks(theirs, reference):
         assert any(len(set(row)) > 1 for row in lengths), "every head kept the same count: not head-adaptive"
     # methods-2 §2.13's verified allocation at cr 0.5 (n_kept = 48)
     assert [sel.lengths.tolist() for sel in ours[0]] == [[44, 52], [67, 29]]
+
+
+def test_critical_adakv_masks_what_kvpress_masks(theirs, reference):
+    """CriticalAdaKVPress(SnapKVPress(w = 4, k = 5)): identical masks at cr 0.5 and 0.8 (methods-2 §2.14's
+    verified claim). Here every head's forced tokens (its safeguard n_safe or stage 1's int(rho b_h)) cover the
+    window, so kvbench's always-kept window (critical_adakv's documented edge) changes nothing."""
+    _, loaded, context, question = reference
+    method = build("critical_adakv", {"window_size": "4", "kernel_size": "5", "pooling": "avg"}).method
+    plans = [Plan("critical_adakv", method, Budget(tokens=compute_n_kept(T, cr))) for cr in RATIOS]
+    ours = kvbench_selections(loaded, context, question, plans)
+    for cr, mine, result in zip(RATIOS, ours, theirs["critical_adakv"]):
+        assert masked_from(mine, T) == result["masked"], cr
+        assert all(sel.n_entries == 2 * compute_n_kept(T, cr) for sel in mine)
+    assert [sel.lengths.tolist() for sel in ours[0]] == [[44, 52], [67, 29]]  # §2.14: Ada-KV's budgets at cr 0.5
+
+
+@pytest.mark.parametrize("eps", EA_EPSILONS)
+def test_adakv_expected_attention_masks_what_kvpress_masks(theirs, reference, eps):
+    """AdaKVPress(ExpectedAttentionPress(epsilon)) = kvbench expected_attention_adakv (epsilon 0) and
+    expected_attention_adakv_kvpress (epsilon 1e-2, kvpress's leaderboard "expected_attention")."""
+    _, loaded, context, question = reference
+    label = "expected_attention_adakv" if eps == 0 else "expected_attention_adakv_kvpress"
+    method = build(label).method
+    assert method.inner_method.epsilon == eps
+    plans = [Plan(label, build(label).method, Budget(tokens=compute_n_kept(T, cr))) for cr in RATIOS]
+    ours = kvbench_selections(loaded, context, question, plans)
+    results = theirs["adakv_expected_attention"][EA_EPSILONS.index(eps) * len(RATIOS):][: len(RATIOS)]
+    for cr, mine, result in zip(RATIOS, ours, results):
+        assert result["press"]["epsilon"] == eps and result["press"]["compression_ratio"] == cr
+        assert masked_from(mine, T) == result["masked"], cr
+        assert all(sel.n_entries == 2 * compute_n_kept(T, cr) for sel in mine)
 
 
 def test_duo_attention_injected_pattern_masks_and_reports_what_kvpress_does(theirs, reference, tmp_path):

@@ -121,8 +121,31 @@ def test_retention_and_overlap_tables():
     assert "FullKV" not in text.split("\n\n")[0]
     assert "| 10% | SnapKV | 30.00 | 30.00 | 30.00 |" in text.splitlines()
     assert "**" not in text
-    with pytest.raises(InputError, match="--metric"):
+    with pytest.raises(InputError, match="metric="):
         build_table(make_rows(), metric="nope")
     no_fields = [{k: v for k, v in r.items() if not k.startswith(("evidence", "layer"))} for r in make_rows()]
     with pytest.raises(InputError, match="no row has a value"):
         build_table(no_fields, metric="retention")
+
+
+@pytest.mark.parametrize("low, high", [(1.2e-3, 6e-3), (0.08, 0.4), (0.5, 40.0), (1.1, 1.4), (0.15, 45.0), (0.012, 9.5), (0.01, 500.0), (3.0, 2048.0)])
+def test_log_axis_labels_do_not_overlap(low, high):
+    """score_vs_cache's x axis (and the KL figure's axes) in a panel of the real size: at least two labels,
+    none overlapping another (matplotlib's default labelled every minor tick of a narrow log axis in
+    scientific notation, and they collided)."""
+    plt = plots._pyplot()
+    fig, axes = plots._grid(plt, 5)
+    ax = axes[0]
+    xs = [low, (low * high) ** 0.5, high]
+    ax.plot(xs, [1, 2, 3], marker="o")
+    plots.log_ticks(ax.xaxis, xs)
+    fig.tight_layout()
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    labels = [t for t in ax.get_xticklabels(which="both")
+              if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi]
+    boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+    plt.close(fig)
+    assert len(boxes) >= 2, [t.get_text() for t in labels]
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 < right.x0, f"labels overlap on [{low}, {high}]: {[t.get_text() for t in labels]}"

@@ -29,7 +29,7 @@ SCORES = {
     ("h2o", "r0.5"): {"multifieldqa_zh": (0.3, 0.3), "multi_news": (0.25, 0.35)},
     ("snapkv", "r0.5"): {"multifieldqa_zh": (0.6, 0.4), "multi_news": (0.2, 0.2)},
 }
-# Avg len: MF-zh (100 + 300)/2 = 200; MultiNews (1000 + 2000)/2 = 1,500.
+# Avg len: MF-zh (100 + 300)/2 = 200; MultiNews (1000 + 2000)/2 = 1,500. n: two samples per task.
 LENGTHS = {"multifieldqa_zh": (100, 300), "multi_news": (1000, 2000)}
 
 
@@ -51,6 +51,7 @@ EXPECTED_MD = [
     "| KV | Method | MF-zh | MultiNews | Avg |",
     "|---|---|---:|---:|---:|",
     "|  | Avg len | 200 | 1,500 |  |",
+    "|  | n | 2 | 2 |  |",
     "| Full | FullKV | 37.50 | 25.00 | 31.25 |",
     "| 10% | H2O | **20.00** | 10.00 | 15.00 |",
     "|  | SnapKV | 15.00 | **30.00** | **22.50** |",
@@ -164,8 +165,9 @@ def test_csv_has_the_same_numbers():
     table = build_table(make_rows())
     parsed = list(csv.reader(io.StringIO(render_csv(table))))
     assert parsed[0] == ["KV", "Method", "MF-zh", "MultiNews", "Avg"]
-    assert parsed[1] == ["", "Avg len", "200", "1,500", ""]
-    assert parsed[2:] == [
+    assert parsed[1] == ["", "Avg len", "200", "1500", ""]  # a number, not "1,500"
+    assert parsed[2] == ["", "n", "2", "2", ""]
+    assert parsed[3:] == [
         ["Full", "FullKV", "37.50", "25.00", "31.25"],
         ["10%", "H2O", "20.00", "10.00", "15.00"],
         ["10%", "SnapKV", "15.00", "30.00", "22.50"],
@@ -175,11 +177,32 @@ def test_csv_has_the_same_numbers():
     assert "**" not in render_csv(table)
 
 
+def test_n_row_counts_the_samples_of_each_column():
+    # H2O at 10% lacks multi_news-1, and a third sample exists only for SnapKV at 50% on MF-zh: the n row counts
+    # the distinct samples a column holds (MF-zh 3, MultiNews 2), the note flags the unequal sets.
+    rows = [r for r in make_rows() if not (r["method"] == "h2o" and r["budget"] == "r0.1" and r["_id"] == "multi_news-1")]
+    extra = {**next(r for r in rows if r["method"] == "snapkv" and r["budget"] == "r0.5"), "_id": "multifieldqa_zh-2"}
+    extra["task"], extra["config_fp"] = "multifieldqa_zh", "c-snapkv-r0.5-multifieldqa_zh"
+    table = build_table([*rows, extra])
+    assert table.samples == {"multifieldqa_zh": 3, "multi_news": 2}
+    text = render_markdown(table)
+    assert "|  | n | 3 | 2 |  |" in text.splitlines()
+    assert "MF-zh: methods were scored on different sample sets" in text
+    assert "MultiNews: methods were scored on different sample sets" in text
+
+
+def test_csv_missing_cells_are_empty():
+    rows = [r for r in make_rows() if not (r["method"] == "h2o" and r["budget"] == "r0.1" and r["task"] == "multi_news")]
+    parsed = list(csv.reader(io.StringIO(render_csv(build_table(rows)))))
+    assert ["10%", "H2O", "20.00", "", ""] in parsed  # no "–": a spreadsheet reads an empty cell as missing
+    assert "–" in render_markdown(build_table(rows))
+
+
 def test_render_dispatch():
     table = build_table(make_rows())
     assert render(table, "md") == render_markdown(table)
     assert render(table, "latex") == render_latex(table)
-    with pytest.raises(InputError, match="--format"):
+    with pytest.raises(InputError, match="format="):
         render(table, "html")
 
 

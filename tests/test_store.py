@@ -1,4 +1,4 @@
-"""The result store: append-only rows, torn tails, the lock file, shard parsing and merging."""
+"""The result store: append-only rows, torn tails, the OS lock and its holder line, shard parsing and merging."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,14 +88,14 @@ def test_second_lock_names_the_holder(tmp_path):
     first = FileLock(path)
     first.acquire()
     try:
-        assert first.path.read_text().split() == [str(os.getpid()), socket.gethostname()]
-        with pytest.raises(LockedError, match=rf"process {os.getpid()} on"):
+        assert first.pid_path.read_text().split() == [str(os.getpid()), socket.gethostname()]
+        with pytest.raises(LockedError, match=rf"^{path} is being written by process {os.getpid()} on .*--wait"):
             FileLock(path).acquire()
         with pytest.raises(LockedError):
             ResultFile(path).open()
     finally:
         first.release()
-    assert not first.path.exists()
+    assert not first.pid_path.exists()
     second = FileLock(path)
     second.acquire()  # free again after release
     second.release()
@@ -107,43 +108,75 @@ def test_check_refuses_a_live_holder_without_creating_anything(tmp_path):
     holder = FileLock(path)
     holder.acquire()
     try:
+        before = sorted(tmp_path.iterdir())
         with pytest.raises(LockedError, match=str(os.getpid())):
             FileLock(path).check()
         FileLock(path, wait=True).check()  # a waiting writer is not refused up front
+        assert sorted(tmp_path.iterdir()) == before
     finally:
         holder.release()
+    FileLock(path).check()  # released: fine
 
 
-def test_lock_of_a_dead_process_is_taken_over(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
+HOLD = """
+import sys, time
+from pathlib import Path
+from kvbench.results.lock import FileLock
+lock = FileLock(Path(sys.argv[1]))  # kept referenced: a collected lock is released
+lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_killed_holder_frees_the_lock_at_once(tmp_path):
     path = tmp_path / "r.jsonl"
+    proc = _holder(path, 60)
+    try:
+        with pytest.raises(LockedError, match=f"process {proc.pid} on {socket.gethostname()}"):
+            FileLock(path).check()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert FileLock(path).pid_path.exists()  # what SIGKILL leaves: the dead holder's line, no live lock
+    FileLock(path).check()
     lock = FileLock(path)
-    lock.path.write_text(f"{child.pid} {socket.gethostname()}")
     lock.acquire()
-    assert lock.path.read_text().split()[0] == str(os.getpid())
+    assert lock.pid_path.read_text().split()[0] == str(os.getpid())
     lock.release()
 
 
-def test_lock_of_a_live_process_on_another_host_is_respected(tmp_path):
+def test_wait_blocks_until_the_holder_ends(tmp_path):
     path = tmp_path / "r.jsonl"
-    lock = FileLock(path)
-    lock.path.write_text("1 some-other-host")
-    with pytest.raises(LockedError, match="process 1 on some-other-host"):
-        lock.acquire()
-
-
-def test_empty_stale_lock_is_taken_over(tmp_path):
-    path = tmp_path / "r.jsonl"
-    lock = FileLock(path)
-    lock.path.write_text("")
-    with pytest.raises(LockedError):  # fresh: maybe another process is still writing its pid
-        lock.acquire()
-    old = lock.path.stat().st_mtime - 60
-    os.utime(lock.path, (old, old))
+    proc = _holder(path, 1.0)
+    heard: list[str] = []
+    lock = FileLock(path, wait=True, on_wait=heard.append)
+    start = time.monotonic()
     lock.acquire()
-    assert lock.path.read_text().split()[0] == str(os.getpid())
+    assert time.monotonic() - start > 0.5  # it got the lock only when the holder ended (1 s after 'held')
+    assert proc.wait(timeout=10) == 0
+    assert heard == [f"{path} is being written by process {proc.pid} on {socket.gethostname()}; waiting for it"]
     lock.release()
+    proc.wait()
+
+
+def test_a_dead_holders_line_is_not_believed(tmp_path):
+    """Between locking and writing its line, a new holder shows the line a killed one left: never name a dead
+    process."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "r.jsonl"
+    lock = FileLock(path)
+    lock.pid_path.write_text(f"{dead.pid} {socket.gethostname()}")
+    assert lock.holder(patience=0.1) == "another process"
+    lock.pid_path.write_text("1 some-other-host")  # another machine's process: cannot tell, so believed
+    assert lock.holder(patience=0.1) == "process 1 on some-other-host"
 
 
 @pytest.mark.parametrize("text, expected", [("0/2", Shard(0, 2)), ("1/2", Shard(1, 2)), (" 3 / 4 ", Shard(3, 4)),

@@ -184,13 +184,13 @@ def test_names_with_a_plus_that_are_registered_stay_themselves():
 
 
 def test_kivi_alone_is_one_full_budget_plan_per_run():
-    plans = build_plans(RunOptions(method="kivi4,snapkv+kivi4,decoding", ratios=[0.1, 0.2]))
+    plans = build_plans(RunOptions(methods=('kivi4', 'snapkv+kivi4', 'decoding'), ratios=[0.1, 0.2]))
     assert [(p.label, p.budget.label) for p in plans] == [
         ("kivi4", "full"), ("snapkv+kivi4", "r0.1"), ("snapkv+kivi4", "r0.2"), ("decoding", "r0.1"), ("decoding", "r0.2")]
 
 
 def test_method_args_reach_the_part_that_has_them():
-    plans = build_plans(RunOptions(method="snapkv+think+kivi2", ratios=[0.1],
+    plans = build_plans(RunOptions(methods=('snapkv+think+kivi2',), ratios=[0.1],
                                    method_args={"window_size": "16", "pruning_ratio": "0.25", "bits": "4"}))
     method = plans[0].method
     assert method.bits == 4

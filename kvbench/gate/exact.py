@@ -2,8 +2,8 @@
 
 Greedy decoding under one protocol fingerprint (weights, dtype, prompt, metric and engine versions) on one
 device is deterministic, so any changed prediction is a change of behaviour, however small. Each change is
-listed with its sample id, both texts and the first differing token (from the rows' `token_ids`; rows
-written before kvbench stored them fall back to the first differing character, and say so). Samples of BASE
+listed with its sample id, both texts and the first differing token (from the rows' `generated_token_ids`;
+rows written before kvbench stored them fall back to the first differing character, and say so). Samples of BASE
 missing from NEW are changes too: they were not reproduced. Under `--exact` any change fails; otherwise the
 changes are listed as a warning."""
 
@@ -25,8 +25,13 @@ class Change:
     where: str  # "token 7: 1234 -> 5678", "token 3: 42 -> (end)", or "character 12 (no token ids stored)"
 
 
+def token_ids(row: dict[str, Any]) -> list | None:
+    """The generated ids; `token_ids` is what the gate's first rows called them."""
+    return row.get("generated_token_ids", row.get("token_ids"))
+
+
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    a, b = old.get("token_ids"), new.get("token_ids")
+    a, b = token_ids(old), token_ids(new)
     if isinstance(a, list) and isinstance(b, list):
         index = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         if index == len(a) == len(b):  # same tokens, different text: only a detokenizer change does that
@@ -46,7 +51,7 @@ def changes(base: Cell, new: Cell) -> tuple[list[Change], list[str]]:
     out = []
     for sample_id in sorted(set(base.rows) & set(new.rows)):
         old, now = base.rows[sample_id], new.rows[sample_id]
-        if old.get("prediction") != now.get("prediction") or old.get("token_ids", None) != now.get("token_ids", None):
+        if old.get("prediction") != now.get("prediction") or token_ids(old) != token_ids(now):
             out.append(Change(sample_id, str(old.get("prediction")), str(now.get("prediction")),
                               first_difference(old, now)))
     return out, sorted(set(base.rows) - set(new.rows))

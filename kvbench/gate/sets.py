@@ -1,7 +1,8 @@
 """The two result sets a gate compares, grouped per (method, budget, task), with the device each row ran on.
 
-A row's device is its run's manifest `device_name` (rows carry their `run_id`; manifests live in
-`<root>/<model>/manifests/`). Rows whose manifest is missing have device None: their timings are never
+A row's device is its `device` field, or for rows written before rows held it, its run's manifest
+`device_name` (rows carry their `run_id`; manifests live in `<root>/<model>/manifests/`). Rows with neither
+have device None: their timings are never
 compared, since "the same device" cannot be established. Fingerprint agreement between the sets is checked by
 `kvbench.results.compare.compare_dirs`, which the gate runs first; this module only groups."""
 
@@ -57,7 +58,7 @@ def load(root: Path) -> ResultSet:
     cells: dict[Key, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in store.load_all_rows(root):
         cells[(row["method"], row["budget"], row["task"])][row["_id"]] = {
-            **row, "_device": devices.get(str(row.get("run_id")))}
+            **row, "_device": row.get("device") or devices.get(str(row.get("run_id")))}
     return ResultSet(root, {key: Cell(rows) for key, rows in cells.items()})
 
 

@@ -1,17 +1,24 @@
 """The method registry: one file per method, one line per method here; named presets in
-configs/methods.yaml (a base method plus hyper-parameter overrides)."""
+kvbench/configs/methods.yaml (a base method plus hyper-parameter overrides) and in a user's --presets file.
+Methods from outside kvbench: `register_method`, `package.module:Class`, entry points (methods.plugins)."""
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kvbench import resources
 from kvbench.errors import InputError
+from kvbench.methods import plugins
+from kvbench.methods import presets as presets_mod
 from kvbench.methods.base import Method
 from kvbench.methods.fullkv import FullKV
-from kvbench.registry import Registry, did_you_mean, unknown
+from kvbench.registry import Registry, unknown
+from kvbench.results.store import digest
 
 METHODS: Registry[type[Method]] = Registry("method")
 METHODS.register("fullkv", FullKV, aliases=("full",))
@@ -80,170 +87,186 @@ from kvbench.methods.duo_attention import DuoAttention  # noqa: E402
 METHODS.register("adakv", AdaKV, aliases=("ada_kv",))
 METHODS.register("headkv", HeadKV)
 METHODS.register("duo_attention", DuoAttention, aliases=("duoattention",))
+from kvbench.methods.critical_adakv import CriticalAdaKV  # noqa: E402
+
+METHODS.register("critical_adakv", CriticalAdaKV, aliases=("criticaladakv",))
 # --- end head-adaptive methods ---
 
 
 @dataclass(frozen=True)
 class MethodChoice:
-    label: str  # what the user typed (method or preset name)
+    label: str  # what the user typed (method or preset name), or the name of a Method instance
     base: str  # registered method name
     method: Method
 
 
+def register_method(name: str | type[Method] | None = None, *, aliases: tuple[str, ...] = ()):
+    """Class decorator adding a Method subclass to the registry: `@register_method` (under its `name`, or its
+    class name lower-cased) or `@register_method("name")`. Registering the same class again (a re-run
+    notebook cell, a reloaded module) replaces it; another class under a taken name is an error."""
+
+    def add(cls: type[Method], key: str | None) -> type[Method]:
+        plugins.checked_class(cls, f"register_method({cls.__qualname__})")
+        own = cls.__dict__.get("name") or ""
+        key = (key or own or cls.__name__).strip().lower()
+        if own and own != key:
+            raise ValueError(f"register_method('{key}'): {cls.__qualname__}.name is '{own}'; use one name")
+        if key in METHODS:
+            old = METHODS.get(key)
+            if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"method '{key}' is already registered ({old.__module__}.{old.__qualname__})")
+            METHODS.unregister(key)
+        cls.name = key
+        METHODS.register(key, cls, aliases)
+        return cls
+
+    if isinstance(name, type):
+        return add(name, None)
+    return lambda cls: add(cls, name)
+
+
+def _named(cls: type[Method], name: str) -> type[Method]:
+    """A class from outside the registry keeps its own `name`, or is named as the user named it."""
+    if not cls.__dict__.get("name"):
+        cls.name = name
+    return cls
+
+
+def method_class(name: str) -> tuple[str, type[Method]]:
+    """(canonical name, class) of a registered name or alias, a package.module:Class reference, or the name of
+    an installed entry point (group kvbench.methods), in that order."""
+    if plugins.is_reference(name):
+        cls = plugins.load_reference(name)
+        return cls.__dict__.get("name") or name.strip(), _named(cls, name.strip())
+    key = name.strip().lower()
+    if key in METHODS:
+        return METHODS.canonical(key), METHODS.get(key)
+    cls = plugins.load_entry_point(key)
+    if cls is None:
+        raise unknown("method", name, all_names())
+    return key, _named(cls, key)
+
+
 _CHECKING: set[str] = set()  # preset files being checked right now
+# The user's presets file of the build in progress: a wrapper builds its inner method by name (Wrapper.
+# __post_init__, compose.build_wrapper), and that name may be one of the user's presets.
+_USER_PRESETS: contextvars.ContextVar[Path | None] = contextvars.ContextVar("user_presets", default=None)
 
 
-def presets() -> dict[str, dict[str, Any]]:
-    path = resources.config_path("methods.yaml")
-    shown = path.relative_to(resources.ROOT) if path.is_relative_to(resources.ROOT) else path
+def _load(path: Path, reserved: Any, user: Path | None = None) -> dict[str, presets_mod.Preset]:
+    """One presets file, checked. Checking a wrapper preset builds its inner method, which may itself be a
+    preset of this file: that entry is checked in its own turn, so the table is served as it stands instead of
+    re-entering the check."""
     data = resources.load_yaml(path)
     if str(path) in _CHECKING:
-        # Checking a wrapper preset builds its inner method, which may itself be a preset of this file: that
-        # entry is checked in its own turn, so the table is served as it stands instead of re-entering.
-        table = data.get("presets") or {}
-        return {str(k).strip().lower(): dict(v) for k, v in table.items() if isinstance(v, dict)}
+        return presets_mod.unchecked(data, path)
+    top = resources.package_path().parent  # the package's own file reads kvbench/configs/methods.yaml
+    shown = path.relative_to(top) if path.is_relative_to(top) else path
     _CHECKING.add(str(path))
+    token = _USER_PRESETS.set(user)  # the package's presets never name the user's; the user's may name their own
     try:
-        return check_presets(data, str(shown))
+        return presets_mod.check(data, path, str(shown), lambda m: method_class(m)[1], reserved,
+                                 lambda: METHODS.names() + sorted(plugins.entry_points()))
     finally:
+        _USER_PRESETS.reset(token)
         _CHECKING.discard(str(path))
 
 
-def check_presets(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
-    """The `presets:` table of a methods YAML (already parsed), every entry checked before any is used: a
-    mapping of new names (a preset never hides a method) to a registered `method` plus fields of that method,
-    each of the field's type and accepted by the method. Errors name the file, the preset and the key."""
-    table = data.get("presets")
-    if table is None:
-        return {}
-    if not isinstance(table, dict):
-        raise InputError(f"{source}: 'presets:' must map preset names to settings, got {_kind(table)}")
-    out: dict[str, dict[str, Any]] = {}
-    for name, entry in table.items():
-        key, where = str(name).strip().lower(), f"{source}: preset '{name}'"
-        if key in METHODS:
-            raise InputError(f"{where} has the name of a method ({METHODS.canonical(key)}); give the preset another name")
-        if key in out:
-            raise InputError(f"{where} is defined twice (names are not case-sensitive)")
-        if not isinstance(entry, dict):
-            raise InputError(f"{where} must be a mapping ({{method: NAME, field: value, ...}}), got {_kind(entry)}")
-        base = entry.get("method")
-        if not isinstance(base, str) or base.strip().lower() not in METHODS:
-            known = f"{did_you_mean(str(base), METHODS.names())}; known: {', '.join(METHODS.names())}"
-            raise InputError(f"{where}: 'method' must name a registered method, got {base!r}" + known)
-        cls = METHODS.get(base)
-        defaults = cls()
-        fields = [f.name for f in dataclasses.fields(cls)]
-        params = {}
-        for pkey, value in entry.items():
-            if pkey == "method":
-                continue
-            if pkey not in fields:
-                raise InputError(f"{where}: {cls.name} has no parameter '{pkey}'{did_you_mean(str(pkey), fields)}")
-            expected = _expected(getattr(defaults, pkey))
-            if expected is not None and not expected[1](value):
-                raise InputError(f"{where}, key '{pkey}': expected {expected[0]}, got {_kind(value)} {value!r}")
-            params[pkey] = tuple(value) if isinstance(value, list) else value
-        try:
-            cls(**params)
-        except (InputError, TypeError, ValueError) as exc:
-            raise InputError(f"{where}: {exc}") from None
-        out[key] = dict(entry)
-    return out
+def _method_named(key: str) -> str | None:
+    return f"a method ({METHODS.canonical(key)})" if key in METHODS else None
 
 
-def _expected(default: Any) -> tuple[str, Any] | None:
-    """(description, test) of the values a field with this default takes; None: not checked."""
-    if isinstance(default, bool):
-        return "true or false", lambda v: isinstance(v, bool)
-    if isinstance(default, int):
-        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if isinstance(default, float):
-        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    if isinstance(default, str):
-        return "a string", lambda v: isinstance(v, str)
-    if isinstance(default, tuple):
-        return "a list of integers", lambda v: isinstance(v, (list, tuple)) and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in v)
-    return None
+def presets(user: Path | None = None) -> dict[str, presets_mod.Preset]:
+    """The package's presets, then the user's (--presets FILE), each checked."""
+    table = _load(resources.config_path("methods.yaml"), _method_named)
+    if user is None:
+        return table
+    mine = _load(user, lambda key: _method_named(key) or (f"a kvbench package preset ({key})" if key in table else None),
+                 user)
+    return {**table, **mine}
 
 
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+def check_presets(data: dict[str, Any], source: str) -> dict[str, presets_mod.Preset]:
+    """The `presets:` table of a methods YAML (already parsed), every entry checked (see presets.check)."""
+    return presets_mod.check(data, Path(source), source, lambda m: method_class(m)[1], _method_named,
+                             METHODS.names)
 
 
-def all_names() -> list[str]:
-    return METHODS.names() + [p for p in presets() if p not in METHODS]
+def all_names(user_presets: Path | None = None) -> list[str]:
+    names = METHODS.names() + sorted(plugins.entry_points())
+    return names + [p for p in presets(user_presets) if p not in names]
 
 
-def _coerce(value: str, current: Any, key: str, method: str) -> Any:
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"--method-arg {key}={value}: {method}.{key} expects true or false")
-    for kind in (int, float):
-        if isinstance(current, kind):
-            try:
-                return kind(value)
-            except ValueError:
-                raise InputError(f"--method-arg {key}={value}: {method}.{key} expects {kind.__name__}") from None
-    if isinstance(current, tuple):
-        return tuple(int(v) for v in value.split(":") if v) if value else ()
-    return value
+def _coerce(value: Any, current: Any, key: str, method: str) -> Any:
+    """A --method-arg value (a string, or a typed value from the Python API) as the type of `current`."""
+    try:
+        return presets_mod.typed_value(value, current, parse=True)
+    except ValueError as exc:
+        raise InputError(f"{{method_args}} {key}={value}: {method}.{key} expects {exc}",
+                         options=("method_args",)) from None
 
 
 def _resolve(key: str) -> tuple[type[Method], dict[str, Any]]:
-    """(registered class, preset parameters) of a registered method or preset name."""
-    table = presets()
+    """(class, preset parameters) of a method, preset, package.module:Class or entry-point name."""
+    table = presets(_USER_PRESETS.get())
     if key in table:
-        entry = dict(table[key])
-        base = entry.pop("method", None)
-        if base is None:
-            raise InputError(f"configs/methods.yaml: preset '{key}' has no 'method'")
-        return METHODS.get(base), entry
-    if key not in METHODS:
-        raise unknown("method", key, all_names())
-    return METHODS.get(key), {}
+        preset = table[key]
+        return method_class(preset.method)[1], dict(preset.params)
+    return method_class(key)[1], {}
 
 
-def build(name: str, overrides: dict[str, str] | None = None) -> MethodChoice:
-    """A method instance from a registry name or a preset, with --method-arg overrides applied. Overrides
-    that do not apply to this method are an error (the caller filters per method when several are run)."""
-    overrides = overrides or {}
-    key = name.strip().lower()
-    if "+" in key and key not in METHODS and key not in presets():  # a composition (kvbench.methods.compose)
-        base_name, composed = compose.build_composition(key, overrides, _resolve)
-        return MethodChoice(label=key, base=base_name, method=composed)
-    cls, params = _resolve(key)
-    base = cls.name
-    if issubclass(cls, Wrapper):
-        return MethodChoice(label=key, base=base, method=compose.build_wrapper(cls, key, params, overrides))
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = cls()
-    for pkey in params:
-        if pkey not in fields:
-            raise InputError(f"configs/methods.yaml: preset '{key}': {base} has no parameter '{pkey}'")
-    for okey, value in overrides.items():
-        if okey not in fields:
-            raise InputError(
-                f"--method-arg {okey}: {base} has no parameter '{okey}'{did_you_mean(okey, list(fields))}"
-                f"; it has {', '.join(fields)}"
-            )
-        params[okey] = _coerce(value, getattr(defaults, okey), okey, base)
+def build(spec: str | Method, overrides: Mapping[str, Any] | None = None,
+          user_presets: Path | None = None) -> MethodChoice:
+    """A method instance from a registry name, a preset, a composition (`snapkv+kivi4`), a package.module:Class
+    reference, an entry point, or a Method instance, with hyper-parameter overrides applied (strings are
+    parsed: --method-arg). Overrides that do not apply to this method are an error (the caller filters per
+    method when several are run)."""
+    token = _USER_PRESETS.set(user_presets or _USER_PRESETS.get())
     try:
-        method = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        return _build(spec, dict(overrides or {}))
+    finally:
+        _USER_PRESETS.reset(token)
+
+
+def _build(spec: str | Method, overrides: dict[str, Any]) -> MethodChoice:
+    if isinstance(spec, Method):
+        reference = f"{type(spec).__module__}:{type(spec).__qualname__}"
+        cls = _named(plugins.checked_class(type(spec), reference), reference)
+        label, params, instance = cls.name, {}, spec
+    else:
+        table = presets(_USER_PRESETS.get())
+        label = spec.strip() if plugins.is_reference(spec) else spec.strip().lower()
+        if "+" in label and label not in METHODS and label not in table and not plugins.is_reference(label):
+            base_name, composed = compose.build_composition(label, overrides, _resolve)  # kvbench.methods.compose
+            return MethodChoice(label=label, base=base_name, method=composed)
+        if label in table:
+            preset = table[label]
+            _, cls = method_class(preset.method)
+            params = dict(preset.params)
+        else:
+            label, cls = method_class(spec)
+            params = {}
+        if issubclass(cls, Wrapper):
+            return MethodChoice(label=label, base=cls.name,
+                                method=compose.build_wrapper(cls, label, params, overrides))
+        instance = None
+    fields = presets_mod.defaults(cls)
+    for key, value in overrides.items():
+        if key not in fields:
+            raise InputError(f"{{method_args}} {key}: {presets_mod.unknown_parameter(cls, key)}",
+                             options=("method_args",))
+        params[key] = _coerce(value, fields[key], key, cls.name)
+    try:
+        method = dataclasses.replace(instance, **params) if instance is not None else cls(**params)
     except TypeError as exc:
-        raise InputError(f"method {base}: {exc}") from None
-    return MethodChoice(label=key, base=cls.name, method=method)
+        raise InputError(f"method {cls.name}: {exc}") from None
+    if instance is not None and method.params() != _default_params(cls):
+        label = f"{cls.name}-{digest(method.params(), 6)}"  # two configured instances never share a label
+    return MethodChoice(label=label, base=cls.name, method=method)
 
 
-def parse_method_list(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if not names:
-        raise InputError("--method is empty")
-    if names == ["all"]:
-        return METHODS.names()
-    return names
+def _default_params(cls: type[Method]) -> dict[str, Any] | None:
+    try:
+        return cls().params()
+    except TypeError:  # a field without a default
+        return None

@@ -44,16 +44,24 @@ class AdaKV(Wrapper):
         "Feng et al. 2024, Ada-KV, arXiv 2407.11550; kvpress 0.5.5 AdaKVPress (adakv_press.py L54-81) and "
         "official FFY0/AdaKV efe4e2e AdaptiveSnapKVCluster (snapkv_utils.py L297-619); methods-2 §2.13"
     )
+    family = "head-adaptive budgets"
 
     inner: str = "snapkv"
     alpha: float = 0.2  # safeguard: kvpress's per-head floor share, the official convex-mix weight
     variant: str = "kvpress"  # kvpress | official
     normalize: bool = False  # official only: scale each head's scores by its top-B share (KCF's default)
 
+    @property
+    def head_adaptive(self) -> bool:
+        return True  # whatever the inner method: the allocation gives heads different lengths
+
     def check_inner(self, inner: Method) -> None:
         if not type(inner).ranked:
+            from kvbench.methods import METHODS
+
+            ranked = ", ".join(name for name, cls in METHODS.items() if cls.ranked)
             raise InputError(f"adakv: inner method {inner.name} does not keep the top of a per-token ranking; "
-                             "wrap snapkv, pyramidkv, h2o_prefill, knorm or another ranked method")
+                             f"wrap one that does ({ranked}) or a preset of one")
 
     def __post_init__(self) -> None:
         super().__post_init__()

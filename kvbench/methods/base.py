@@ -47,9 +47,10 @@ class Budget:
         if (self.ratio is None) == (self.tokens is None):
             raise ValueError("a Budget has exactly one of ratio or tokens")
         if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise InputError(f"--ratio must be in (0, 1], got {self.ratio}")
+            raise InputError(f"{{ratios}} must be in (0, 1], got {self.ratio}", options=("ratios",))
         if self.tokens is not None and self.tokens <= 0:
-            raise InputError(f"--budget must be a positive number of tokens, got {self.tokens}")
+            raise InputError(f"{{budgets}} must be a positive number of tokens, got {self.tokens}",
+                             options=("budgets",))
 
     def kept(self, n_tokens: int) -> int:
         """Tokens kept out of n_tokens: round(r * n) as KVCache-Factory computes it, at least 1, at most n."""
@@ -137,6 +138,11 @@ class HeadRanking:
     scores: torch.Tensor
     protected: torch.Tensor
     kept: int
+
+    @classmethod
+    def plain(cls, scores: torch.Tensor, kept: int) -> "HeadRanking":
+        """Scores [H, T] of every prompt token and nothing protected (the method keeps its top `kept`)."""
+        return cls(scores, torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device), kept)
 
     @classmethod
     def with_window(cls, prefix_scores: torch.Tensor, n_tokens: int, kept: int) -> "HeadRanking":
@@ -378,7 +384,8 @@ class Method:
     source: ClassVar[str] = ""  # paper and code the method follows
     continuous: ClassVar[bool] = False  # keeps evicting while decoding
     # Bumped whenever the method's code can select or score differently for the same hyper-parameters; part
-    # of its configuration fingerprint, so rows of an older version never mix with newer ones.
+    # of its configuration fingerprint, so rows of an older version never mix with newer ones. A method defined
+    # outside kvbench also has a hash of its module's source there (methods.plugins.source_version).
     version: ClassVar[int] = 1
     family: ClassVar[str] = ""  # what the scores read, for `kvbench methods`' grouping
     # Its scores read the prompt's queries (attention rows or query statistics), so with --scope full the

@@ -51,6 +51,9 @@ class BlockKeyDiff(Method):
         if self.block_size < 1:
             raise InputError(f"block_keydiff: block_size must be >= 1, got {self.block_size}")
 
+    def query_head_selection(self) -> bool:
+        return False  # scored from the keys (and values) alone: a group's query heads would keep identical sets
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if ctx.n_tokens <= ctx.kept:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)

@@ -37,7 +37,7 @@ def build_wrapper(cls: type[Wrapper], label: str, preset: dict[str, Any], overri
     preset_inner = params.pop("inner", None)
     for key in params:
         if key not in own:
-            raise InputError(f"configs/methods.yaml: preset '{label}': {cls.name} has no parameter '{key}'")
+            raise InputError(f"kvbench/configs/methods.yaml: preset '{label}': {cls.name} has no parameter '{key}'")
     if inner_label is not None and (preset_inner is not None or "inner" in overrides):
         raise InputError(f"--method {inner_label}+{label}: {label} already names its inner method "
                          f"({overrides.get('inner', preset_inner)}); give it once")

@@ -35,6 +35,9 @@ from kvbench.methods.snapkv import SnapKV, checked_scores, keep_last, window_sco
 @dataclass
 class CriticalKV(SnapKV):
     name = "criticalkv"
+    # Its selection is two rankings (attention, then attention x projected value norm), not the top of one:
+    # Ada-KV must not reallocate SnapKV's ranking under its name. The head-adaptive form is critical_adakv.
+    ranked = False
     source = (
         "Feng et al. 2025, CriticalKV, arXiv 2502.03805; kvpress 0.5.5 CriticalKVPress(SnapKVPress) "
         "(criticalkv_press.py L38, L59-97), non-adaptive; methods-2.md §2.14"
@@ -58,6 +61,9 @@ class CriticalKV(SnapKV):
         norms = view.value_output_norms(self.name)[:, : view.n_tokens - w]
         per_kv = norms.reshape(view.keys.shape[0], view.group, -1).mean(dim=1)
         return torch.stack([attention, per_kv])
+
+    def ranking(self, ctx: SelectContext) -> None:
+        return None  # not one ranking (see `ranked`); SnapKV's would read this method's stacked scores
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         device = ctx.keys.device

@@ -61,6 +61,8 @@ class DuoAttention(HeadTableUser, Method):
         "DuoAttentionPress (duo_attention_press.py L65-213); head patterns from kvpress's on-the-fly proxy "
         "computed offline by kvbench (no trained gates); methods-2 §2.19"
     )
+    family = "head-adaptive budgets"
+    head_adaptive = True  # retrieval heads keep the prompt, streaming heads sink + recent; query-free
     table_kind = "duo_proxy"
     table_field = "pattern"
 

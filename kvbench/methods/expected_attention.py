@@ -32,7 +32,15 @@ from typing import Any
 import torch
 
 from kvbench.errors import InputError
-from kvbench.methods.base import LayerView, Method, SelectContext, full_indices, reduce_groups, topk_sorted
+from kvbench.methods.base import (
+    HeadRanking,
+    LayerView,
+    Method,
+    SelectContext,
+    full_indices,
+    reduce_groups,
+    topk_sorted,
+)
 from kvbench.methods.snapkv import checked_scores
 
 
@@ -79,6 +87,7 @@ class ExpectedAttention(Method):
     name = "expected_attention"
     family = "query statistics"
     query_aware = True
+    ranked = True  # select keeps the top C of the scores below (the sinks score above every other token)
     source = (
         "Devoto et al. 2025, Expected Attention, arXiv 2510.00636; kvpress 0.5.5 ExpectedAttentionPress "
         "(expected_attention_press.py L55-165) defaults; methods-2.md §2.15"
@@ -114,3 +123,9 @@ class ExpectedAttention(Method):
         if ctx.n_tokens <= ctx.kept or ctx.n_tokens <= self.n_sink:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)
         return topk_sorted(checked_scores(ctx, self.name), ctx.kept)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking | None:
+        # the sinks are not protected but ranked first by their max + 1 score, as kvpress's AdaKVPress sees them
+        if ctx.n_tokens <= self.n_sink:
+            return None
+        return HeadRanking.plain(checked_scores(ctx, self.name), ctx.kept)

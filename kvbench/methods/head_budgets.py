@@ -86,3 +86,30 @@ def keep_top_caps(ranking: HeadRanking, caps: torch.Tensor) -> Selection:
         best = free[stable_top(ranking.scores[head, free], min(int(cap), free.numel()))]
         rows.append(torch.cat([best, always]).sort().values)
     return Selection.from_rows(rows)
+
+
+def critical_allocation(ranking: HeadRanking, weights: torch.Tensor, alpha: float, epsilon: float,
+                        first_stage_ratio: float) -> Selection:
+    """kvpress CriticalAdaKVPress (0.5.5 criticalkv_press.py L101-201; methods-2 §2.14), for the attention
+    ranking [H, T] and the projected value norms `weights` [H, T] (read only at unprotected tokens):
+
+    1. head budgets b_h: how many of the layer's H * kept best entries head h holds once the protected tokens
+       and every head's n_safe best are forced in (the Ada-KV allocation of `kvpress_allocation`);
+    2. stage 1: head h keeps its forced tokens and its best int(b_h rho) tokens by attention (the forced ones
+       rank first, so they count against int(b_h rho));
+    3. stage 2: the rest of its b_h slots go to the highest (s + epsilon) u among its other tokens.
+    Head h keeps exactly b_h tokens, sum b_h = H * kept."""
+    forced = forced_scores(ranking, alpha)
+    heads = forced.shape[0]
+    budgets = head_counts(forced, heads * ranking.kept)
+    # kvpress: (head_budgets * first_stage_ratio).to(torch.int64), a float32 product truncated
+    first_stage = (budgets * first_stage_ratio).to(torch.long).tolist()
+    weighted = (ranking.scores.double() + epsilon) * weights.double()
+    rows = []
+    for head, budget in enumerate(budgets.tolist()):
+        n_forced = int(torch.isinf(forced[head]).sum())
+        stage_one = stable_top(forced[head], max(n_forced, first_stage[head]))
+        second = weighted[head].clone()
+        second[stage_one] = float("inf")
+        rows.append(stable_top(second, budget).sort().values)
+    return Selection.from_rows(rows)

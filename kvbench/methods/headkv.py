@@ -65,6 +65,8 @@ class HeadKV(HeadTableUser, SnapKV):
         "(official) and KVCache-Factory c97f9d7 run_longbench.py / HeadKVCluster (kcf); head scores computed "
         "by kvbench (kvbench headscores); methods-2 §2.21"
     )
+    family = "head-adaptive budgets"
+    head_adaptive = True
     ranked = False  # keeps per-head caps, not one top-k
     table_kind = "retrieval_reasoning"
     table_field = "scores"

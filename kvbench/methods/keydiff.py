@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.methods.base import Method, SelectContext, full_indices, topk_sorted
+from kvbench.methods.base import HeadRanking, Method, SelectContext, full_indices, topk_sorted
 
 
 def keydiff_scores(keys: torch.Tensor) -> torch.Tensor:
@@ -30,12 +30,19 @@ def keydiff_scores(keys: torch.Tensor) -> torch.Tensor:
 class KeyDiff(Method):
     name = "keydiff"
     family = "key/value geometry"
+    ranked = True
     source = (
         "Park et al. 2025, KeyDiff, arXiv 2504.15364; one-shot scoring as kvpress 0.5.5 KeyDiffPress "
         "(keydiff_press.py L36-46); methods-2.md §2.16"
     )
 
+    def query_head_selection(self) -> bool:
+        return False  # scored from the keys (and values) alone: a group's query heads would keep identical sets
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if ctx.n_tokens <= ctx.kept:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)
         return topk_sorted(keydiff_scores(ctx.keys), ctx.kept)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking:
+        return HeadRanking.plain(keydiff_scores(ctx.keys), ctx.kept)

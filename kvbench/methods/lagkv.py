@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import InputError
-from kvbench.methods.base import LayerView, Method, SelectContext, full_indices, topk_sorted
+from kvbench.methods.base import HeadRanking, LayerView, Method, SelectContext, full_indices, topk_sorted
 from kvbench.methods.snapkv import checked_scores
 
 
@@ -77,6 +77,7 @@ def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, n_sink: int, lag: int
 class LagKV(Method):
     name = "lagkv"
     family = "key/value geometry"
+    ranked = True  # its ties (shared ranks, sinks and tail at 1) go to the earlier (head, token) under Ada-KV too
     source = (
         "Liang et al. 2025, LagKV, arXiv 2504.04704; kvpress 0.5.5 LagKVPress (lagkv_press.py L40-97) variant, "
         "n_sink 4, lag 128; methods-2.md §2.20"
@@ -96,6 +97,9 @@ class LagKV(Method):
         if self.eps < 0:
             raise InputError(f"lagkv: eps must be >= 0, got {self.eps}")
 
+    def query_head_selection(self) -> bool:
+        return False  # scored from the keys (and values) alone: a group's query heads would keep identical sets
+
     def scorer_key(self) -> tuple:
         return ("lagkv", self.n_sink, self.lag_size, self.cross_scoring, self.eps)
 
@@ -106,3 +110,6 @@ class LagKV(Method):
         if ctx.n_tokens <= ctx.kept:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)
         return topk_sorted(checked_scores(ctx, self.name), ctx.kept)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking:
+        return HeadRanking.plain(checked_scores(ctx, self.name), ctx.kept)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.methods.base import LayerView, Method, SelectContext, full_indices, reduce_groups, topk_sorted
+from kvbench.methods.base import (
+    HeadRanking,
+    LayerView,
+    Method,
+    SelectContext,
+    full_indices,
+    reduce_groups,
+    topk_sorted,
+)
 from kvbench.methods.snapkv import checked_scores
 
 
@@ -35,6 +43,7 @@ class ObservedAttention(Method):
     name = "observed_attention"
     family = "accumulated attention"
     query_aware = True
+    ranked = True
     source = (
         "kvpress 0.5.5 ObservedAttentionPress (observed_attention_press.py L34-49), mean-attention relative "
         "of H2O (Zhang et al. 2023, arXiv 2306.14048); methods-2.md §2.23"
@@ -56,3 +65,6 @@ class ObservedAttention(Method):
         if ctx.n_tokens <= ctx.kept:
             return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)
         return topk_sorted(checked_scores(ctx, self.name), ctx.kept)
+
+    def ranking(self, ctx: SelectContext) -> HeadRanking:
+        return HeadRanking.plain(checked_scores(ctx, self.name), ctx.kept)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench import scoring
-from kvbench.results import report, store
+from kvbench.results import render as rendering, report, selection, store
 from kvbench.data import load_task_specs
 from kvbench.errors import InputError
 
@@ -85,8 +85,8 @@ def _grouped(rows: list[dict[str, Any]], side: str, root: Path) -> tuple[str, di
 
 
 def compare_dirs(base_dir: Path, new_dir: Path) -> Comparison:
-    base_fp, base = _grouped(store.load_all_rows(base_dir), "BASE", base_dir)
-    new_fp, new = _grouped(store.load_all_rows(new_dir), "NEW", new_dir)
+    base_fp, base = _grouped(selection.scored(store.load_results(base_dir, "BASE")).rows, "BASE", base_dir)
+    new_fp, new = _grouped(selection.scored(store.load_results(new_dir, "NEW")).rows, "NEW", new_dir)
     if base_fp != new_fp:
         raise InputError(
             f"BASE and NEW are under different protocol fingerprints ({base_fp} vs {new_fp}: model weights, dtype, "
@@ -167,18 +167,10 @@ def render(result: Comparison, fmt: str = "text") -> str:
     head, body, avg_head, avg_body = _tables(result)
     notes = _notes(result)
     if fmt == "md":
-        def md(header: list[str], rows: list[list[str]]) -> list[str]:
-            out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
-            return out + ["| " + " | ".join(r) + " |" for r in rows]
-
-        return "\n".join([*md(head, body), "", *md(avg_head, avg_body), "", *notes]) + "\n"
-
-    def text(header: list[str], rows: list[list[str]]) -> list[str]:
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        return ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                for r in [header, *rows]]
-
-    return "\n".join([*text(head, body), "", *text(avg_head, avg_body), "", *notes]) + "\n"
+        tables = [*rendering.markdown(head, body, 3), "", *rendering.markdown(avg_head, avg_body, 3)]
+    else:
+        tables = [*rendering.text(head, body, 3), "", *rendering.text(avg_head, avg_body, 3)]
+    return "\n".join([*tables, "", *notes]) + "\n"
 
 
 def check_options(fmt: str) -> None:

@@ -16,11 +16,11 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbench.results import report, store
+from kvbench.results import report, selection, store
 from kvbench.errors import InputError
 
 DPI = 110
@@ -78,6 +78,33 @@ def _finish(fig: Any, axes: Sequence[Any], path: Path, title: str) -> Path:
 
     plt.close(fig)
     return path
+
+
+def log_ticks(axis: Any, values: Sequence[float]) -> None:
+    """A log-scaled axis labelled with plain numbers ('0.5', '20'): at 1-2-5 steps over up to two decades, 1-3
+    steps up to three and a half, powers of ten beyond (so labels stay apart in a 3.6-inch panel), and by a linear
+    locator when the values span too little to hold two 1-2-5 steps; minor ticks unlabelled. Matplotlib's
+    default labels every minor tick of a narrow log axis in scientific notation, and neighbouring labels then
+    overlap. Call after plotting (it sets the scale)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if axis is axis.axes.xaxis:
+        axis.axes.set_xscale("log")
+    else:
+        axis.axes.set_yscale("log")
+    positive = sorted(v for v in values if v > 0)
+    if not positive:
+        return
+    low, high = positive[0], positive[-1]
+    subs = (1.0, 2.0, 5.0) if high / low <= 100 else (1.0, 3.0) if high / low <= 3000 else (1.0,)
+    steps = [m * 10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1) for m in subs]
+    if sum(low <= x <= high for x in steps) >= 2:
+        axis.set_major_locator(LogLocator(base=10, subs=subs))
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=3))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(2, 10))))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _panels(table: report.Table) -> list[tuple[str, str]]:
@@ -157,6 +184,7 @@ def plot_score_vs_cache(table: report.Table, rows: Sequence[dict[str, Any]], pat
                 if value is None or any(s is None for s in found):
                     continue
                 by_method[method].append((sum(found) / len(found) / mib, value))  # type: ignore[arg-type]
+        sizes_shown = [x for xy in by_method.values() for x, _ in xy]
         for method, xy in by_method.items():
             xy.sort()
             if method == "fullkv":
@@ -164,7 +192,7 @@ def plot_score_vs_cache(table: report.Table, rows: Sequence[dict[str, Any]], pat
                         label="FullKV")
             else:
                 ax.plot([x for x, _ in xy], [v for _, v in xy], marker="o", ms=4, label=report.display(method))
-        ax.set_xscale("log")
+        log_ticks(ax.xaxis, sizes_shown)
         ax.set_title(header, fontsize=9)
         ax.set_xlabel("KV cache held after compression (MiB, mean)", fontsize=8)
         ax.set_ylabel("score", fontsize=8)
@@ -228,12 +256,14 @@ def plot_kl(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     plt = _pyplot()
     fig, axes = _grid(plt, len(curves))
     for ax, (model, lines) in zip(axes, sorted(curves.items())):
+        shown: list[tuple[float, float]] = []
         for label, points in lines.items():
             xy = [(b, k) for b, k in points if b > 0 and k > 0]  # log-log
             if xy:
                 ax.plot([b for b, _ in xy], [k for _, k in xy], marker="o", ms=3, label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+                shown += xy
+        log_ticks(ax.xaxis, [b for b, _ in shown])
+        log_ticks(ax.yaxis, [k for _, k in shown])
         ax.set_title(model or "model", fontsize=9)
         ax.set_xlabel("budget (tokens kept)", fontsize=8)
         ax.set_ylabel("mean KL(P_full || Q) (nats)", fontsize=8)
@@ -243,11 +273,14 @@ def plot_kl(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 
 # ---- entry point -------------------------------------------------------------------------------------------
-def plot_results(results: Path, out: Path) -> list[Path]:
-    """Every figure the results allow; returns the files written."""
-    if not results.is_dir():
-        raise InputError(f"results directory not found: {results}")
-    rows = store.load_all_rows(results)
+def plot_results(results: Path, out: Path, protocol: str | None = None,
+                 log: Callable[[str], None] | None = None) -> list[Path]:
+    """Every figure the results allow; returns the files written. `protocol` selects rows as `table
+    --protocol` does; `log` hears which result lines held no row."""
+    loaded = selection.scored(store.load_results(results))
+    if loaded.skipped and log is not None:
+        log(f"kvbench: plot: {selection.skipped_note(loaded.skipped)}")
+    rows = loaded.rows
     kl_rows = read_kl_rows(results)
     if not rows and not kl_rows:
         raise InputError(f"no result rows (and no kl_raw.jsonl) under {results}")
@@ -255,8 +288,12 @@ def plot_results(results: Path, out: Path) -> list[Path]:
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_model[str(row.get("model", "?"))].append(row)
-    for model, model_rows in sorted(by_model.items()):
+    if protocol is not None:  # the models that have rows under it (none: selection.pick says what there is)
+        matching = {str(r.get("model")) for r in rows if str(r.get("protocol_fp")).startswith(protocol.strip())}
+        by_model = {m: v for m, v in by_model.items() if m in matching} or by_model
+    for model in sorted(by_model):
         prefix = f"{_slug(model)}_" if len(by_model) > 1 else ""
+        model_rows = selection.pick(loaded, model=model, protocol=protocol)
         table = report.build_table(model_rows)
         title = f"{model}: LongBench score"
         for made in (plot_score_vs_ratio(table, out / f"{prefix}score_vs_ratio.png", f"{title} vs KV kept"),

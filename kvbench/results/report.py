@@ -1,7 +1,9 @@
-"""Comparison tables from stored rows, in the layout of the ChunkKV paper's Table 17: an "Avg len" row, a
-FullKV block, then one block per budget with a row per method; task columns and Avg (the plain mean of the
-task scores, recomputed), the best cell of each column in bold within a budget block, short task headers,
-and the protocol fingerprint under the table. Rows of different fingerprints are never mixed in a cell.
+"""Comparison tables from stored rows, in the layout of the ChunkKV paper's Table 17: an "Avg len" row, an "n"
+row (the distinct samples of each task column: one row rather than a footer, so CSV readers get it too and
+columns of different n show it at a glance), a FullKV block, then one block per budget with a row per method;
+task columns and Avg (the plain mean of the task scores, recomputed), the best cell of each column in bold
+within a budget block, short task headers, and the protocol fingerprint under the table. Rows of different
+fingerprints are never mixed in a cell (kvbench.results.selection). Rendering is kvbench.results.render's.
 
 Options: `metric` tabulates another per-row field with the same layout (evidence retention, cross-layer
 overlap; see kvbench.evidence); `add_ci` adds paired statistics against FullKV (kvbench.results.stats) to every cell,
@@ -9,15 +11,14 @@ computed on the samples both scored, with a legend line under the table."""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvbench import scoring
-from kvbench.results import stats
+from kvbench.results import render as rendering, selection, stats
 from kvbench.data import TaskSpec, load_task_specs
 from kvbench.errors import InputError
 
@@ -46,6 +47,8 @@ class Table:
     ci: dict[tuple[str, str], dict[str, stats.Paired]] = field(default_factory=dict)  # (budget, method) -> task/Avg
     ci_n: dict[str, int] = field(default_factory=dict)  # the reference's samples per task
     omitted: list[str] = field(default_factory=list)  # tasks with no value of the metric (no known evidence)
+    samples: dict[str, int] = field(default_factory=dict)  # per task, the distinct samples of its column (the n row)
+    skipped: str = ""  # selection.skipped_note of result lines that held no row (markdown prints it under the table)
 
     def row_average(self, cells: dict[str, Cell]) -> float | None:
         if any(t not in cells for t in self.tasks):
@@ -92,10 +95,22 @@ METRICS = {
 }
 
 
+def stored_model_name(rows: Sequence[dict[str, Any]], text: str) -> str:
+    """The model name rows carry for a --model value: the name itself, an alias in any case, a .gguf file's
+    stem or a model directory's name (what `kvbench run` stores), matched against the rows without loading
+    the model's code or files (a table must not need torch, nor the weights on this machine)."""
+    present = sorted({str(r.get("model")) for r in rows})
+    given = text.strip()
+    for candidate in (given, given.lower(), Path(given).stem, Path(given.rstrip("/")).name):
+        if candidate in present:
+            return candidate
+    raise InputError(f"--model {text}: no results for that model; the results hold {', '.join(present) or 'none'}")
+
+
 def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = None, model: str | None = None,
                 specs: dict[str, TaskSpec] | None = None, metric: str = "score") -> Table:
     if metric not in METRICS:
-        raise InputError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
+        raise InputError(f"{{metric}} must be one of {', '.join(METRICS)}, got '{metric}'", options=("metric",))
     field_name = METRICS[metric]
     specs = specs or load_task_specs()
     if model is not None:
@@ -106,7 +121,8 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         raise InputError("no result rows found")
     models_seen = sorted({r.get("model", "?") for r in rows})
     if len(models_seen) > 1:
-        raise InputError(f"results hold several models ({', '.join(models_seen)}); pick one with --model")
+        raise InputError(f"results hold several models ({', '.join(models_seen)}); pick one with {{model}}",
+                         options=("model",))
     present = sorted({r["task"] for r in rows}, key=lambda t: list(specs).index(t) if t in specs else 10**6)
     if tasks:
         missing = [t for t in tasks if t not in present]
@@ -114,28 +130,14 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
             raise InputError(f"no results for task(s) {', '.join(missing)}")
         present = [t for t in present if t in tasks]
         rows = [r for r in rows if r["task"] in present]
+    selection.check(rows)  # kvbench table and plot ran selection.pick first, whose refusals also name the files
     protocol = sorted({r["protocol_fp"] for r in rows})
-    if len(protocol) > 1:
-        raise InputError(
-            f"results under {len(protocol)} protocol fingerprints ({', '.join(protocol)}) cannot share a table; "
-            "move one set elsewhere or select it with --results"
-        )
-    for task in present:
-        fps = sorted({r["task_fp"] for r in rows if r["task"] == task})
-        if len(fps) > 1:
-            raise InputError(f"task {task}: rows from {len(fps)} different data/prompt fingerprints; refusing to mix them")
 
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         grouped[(row["budget"], row["method"], row["task"])].append(row)
     cells: dict[tuple[str, str], dict[str, Cell]] = defaultdict(dict)
     for (budget, method, task), group in grouped.items():
-        configs = {r["config_fp"] for r in group}
-        if len(configs) > 1:
-            raise InputError(
-                f"{method} at {budget} on {task}: rows of {len(configs)} configurations (different "
-                "hyper-parameters or scope); give them different preset names or separate result dirs"
-            )
         valued = [r for r in group if r.get(field_name) is not None]
         if not valued:
             continue  # e.g. retention on a task without known evidence, overlap of FullKV
@@ -146,13 +148,13 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         )
     omitted = [t for t in present if not any(t in c for c in cells.values())]
     if omitted and len(omitted) == len(present):
-        raise InputError(f"no row has a value of '{field_name}' (--metric {metric}): no task with known evidence, "
-                         "only FullKV rows, or results written before kvbench recorded it")
+        raise InputError(f"no row has a value of '{field_name}' ({{metric}} {metric}): no task with known evidence, "
+                         "only FullKV rows, or results written before kvbench recorded it", options=("metric",))
     present = [t for t in present if t not in omitted]
-    avg_len = {}
-    for task in present:
-        lengths = {r["_id"]: r["length"] for r in rows if r["task"] == task}
-        avg_len[task] = sum(lengths.values()) / len(lengths)
+    lengths: dict[str, dict[str, float]] = defaultdict(dict)  # task -> sample id -> LongBench length
+    for row in rows:
+        lengths[row["task"]][row["_id"]] = row["length"]
+    avg_len = {task: sum(lengths[task].values()) / len(lengths[task]) for task in present}
 
     budgets = sorted({b for b, _ in cells}, key=_budget_order)
     method_order = _method_order(rows)
@@ -169,6 +171,8 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
         metric=metric,
         omitted=[specs[t].short if t in specs else t for t in omitted],
     )
+    table.samples = {t: len(set().union(*(c[t].ids for _, entries in blocks for _, c in entries if t in c)))
+                     for t in present}
     _note_unequal_samples(table)
     return table
 
@@ -177,7 +181,7 @@ def add_ci(table: Table, n_resamples: int = stats.N_RESAMPLES, seed: int = 0) ->
     """Paired statistics of every cell against FullKV's cell of the same task, on the intersection of their
     sample ids; the Avg column's by a bootstrap stratified over tasks (rows having every task only)."""
     if table.metric != "score":
-        raise InputError("--ci applies to --metric score only")
+        raise InputError("{ci} applies to {metric} score only", options=("ci", "metric"))
     reference = _reference(table)
     ref_cells = dict(dict(table.blocks)[reference[0]])[reference[1]]
     table.reference = reference
@@ -212,7 +216,8 @@ def _reference(table: Table) -> tuple[str, str]:
             return (budget, "fullkv")
         if len(names) == 1:
             return (budget, names[0])
-    raise InputError("--ci needs FullKV rows (run --method fullkv on the same samples) to pair against")
+    raise InputError("{ci} needs FullKV rows (run method fullkv on the same samples) to pair against",
+                     options=("ci",))
 
 
 def _budget_order(label: str) -> tuple[int, float]:
@@ -246,9 +251,9 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def _fmt_ci(value: float | None, pair: stats.Paired | None, n_reference: int | None) -> str:
+def _fmt_ci(value: float | None, pair: stats.Paired | None, n_reference: int | None, missing: str = "–") -> str:
     """'38.67 (+0.07 ±1.2)', then ↑/↓ when the bootstrap CI excludes 0 and † when the sign test has p < 0.05."""
-    text = _fmt(value)
+    text = missing if value is None else _fmt(value)
     if value is None or pair is None:
         return text
     text += f" ({pair.mean_diff:+.2f} ±{pair.half_width:.1f}"
@@ -258,11 +263,14 @@ def _fmt_ci(value: float | None, pair: stats.Paired | None, n_reference: int | N
     return text
 
 
-def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
-    """Header, body rows of strings, and which cells are the best of their column within a budget block."""
+def _grid(table: Table, csv: bool = False) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Header, body rows of strings, and which cells are the best of their column within a budget block. For
+    CSV, numbers have no thousands separators and a missing value is an empty cell (spreadsheets read both)."""
     header = ["KV", "Method", *table.headers, "Avg"]
-    body: list[list[str]] = [["", "Avg len", *[f"{table.avg_len[t]:,.0f}" for t in table.tasks], ""]]
-    bold: list[list[bool]] = [[False] * len(header)]
+    length = "{:.0f}" if csv else "{:,.0f}"
+    body: list[list[str]] = [["", "Avg len", *[length.format(table.avg_len[t]) for t in table.tasks], ""],
+                             ["", "n", *[str(table.samples[t]) for t in table.tasks], ""]]
+    bold: list[list[bool]] = [[False] * len(header)] * 2
     for budget, entries in table.blocks:
         columns = [[c[t].score if t in c else None for _, c in entries] for t in table.tasks]
         averages = [table.row_average(c) for _, c in entries]
@@ -272,7 +280,8 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
             marks = [len(entries) > 1 and v is not None and v == b and table.metric != "overlap"
                      for v, b in zip(values, best)]
             pairs = table.ci.get((budget, method), {})  # empty unless add_ci ran: plain values then
-            texts = [_fmt_ci(v, pairs.get(t), table.ci_n.get(t)) for v, t in zip(values, [*table.tasks, "Avg"])]
+            texts = [_fmt_ci(v, pairs.get(t), table.ci_n.get(t), "" if csv else "–")
+                     for v, t in zip(values, [*table.tasks, "Avg"])]
             body.append([budget_title(budget) if i == 0 else "", display(method), *texts])
             bold.append([False, False, *marks])
     return header, body, bold
@@ -280,50 +289,31 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]], list[list[bool]]]:
 
 def render_markdown(table: Table) -> str:
     header, body, bold = _grid(table)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    for row, marks in zip(body, bold):
-        lines.append("| " + " | ".join(f"**{v}**" if m else v for v, m in zip(row, marks)) + " |")
+    lines = rendering.markdown(header, body, 2, bold)
     lines.append("")
     if table.reference is not None:
         lines.append(_legend(table))
         lines.append("")
     lines.append(_footer(table))
+    if table.skipped:
+        lines += ["", table.skipped]
     return "\n".join(lines) + "\n"
-
-
-def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("–", "--"),
-                 ("±", r"$\pm$"), ("↑", r"$\uparrow$"), ("↓", r"$\downarrow$"), ("†", r"$^\dagger$"),
-                 ("Δ", r"$\Delta$"), ("≥", r"$\geq$")):
-        text = text.replace(a, b)
-    return text
 
 
 def render_latex(table: Table) -> str:
     header, body, bold = _grid(table)
-    cols = "ll" + "r" * (len(header) - 2)
-    out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-           " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
-    for index, (row, marks) in enumerate(zip(body, bold)):
-        if index > 0 and row[0]:
-            out.append(r"\midrule")
-        cells = [rf"\textbf{{{_latex_escape(v)}}}" if m else _latex_escape(v) for v, m in zip(row, marks)]
-        out.append(" & ".join(cells) + r" \\")
     caption = (_legend(table) + " " if table.reference is not None else "") + _footer(table)
-    out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(caption)}}}", r"\end{table}"]
-    return "\n".join(out) + "\n"
+    starts = [index for index, row in enumerate(body) if index > 0 and row[0]]  # a budget block begins
+    return rendering.latex(header, body, 2, bold, rules_before=starts, caption=caption)
 
 
 def render_csv(table: Table) -> str:
-    header, body, _ = _grid(table)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    current = ""
-    for row in body:
+    header, body, _ = _grid(table, csv=True)
+    rows, current = [], ""
+    for index, row in enumerate(body):  # every method row names its budget block, so each line stands alone
         current = row[0] or current
-        writer.writerow([current if row[1] != "Avg len" else "", *row[1:]])
-    return buffer.getvalue()
+        rows.append([current if index >= 2 else "", *row[1:]])  # rows 0, 1: Avg len and n
+    return rendering.csv(header, rows)
 
 
 def _legend(table: Table) -> str:
@@ -373,5 +363,5 @@ RENDERERS = {"md": render_markdown, "markdown": render_markdown, "latex": render
 
 def render(table: Table, fmt: str) -> str:
     if fmt not in RENDERERS:
-        raise InputError(f"--format must be md, latex or csv, got '{fmt}'")
+        raise InputError(f"{{format}} must be md, latex or csv, got '{fmt}'", options=("format",))
     return RENDERERS[fmt](table)

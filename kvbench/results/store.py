@@ -6,18 +6,16 @@ Layout (results/README.md documents it for users):
 
 Every line is one complete scored row. Appends are flushed and fsynced; a torn last line (a crash in the
 middle of a write) is ignored when reading and cut off before the next append, so the sample is redone.
-A lock file next to each result file stops two processes from writing it at once.
+An OS lock per result file (kvbench.results.lock) stops two processes from writing it at once.
 
 Test hook: KVBENCH_TEST_SLOW_WRITE=<seconds> makes ResultFile.append write half a line, sync, sleep that long
 and then write the rest, so a test can kill a run in the middle of a write (tests/test_reliability.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,16 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbench.errors import InputError, KvbenchError
-from kvbench.models import safe_name
+from kvbench.errors import InputError
+from kvbench.results.lock import FileLock, LockedError  # noqa: F401 (LockedError: part of store's interface)
+from kvbench.results.schema import digest  # noqa: F401 (store.digest: the sensitivity study keys its rows with it)
 
 SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 
 
-def digest(obj: Any, length: int = 12) -> str:
-    """Stable short hash of a JSON-able object (sorted keys)."""
-    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+def safe_name(text: str) -> str:
+    """A file-system-safe name: no separators, no '..', nothing but [A-Za-z0-9._-]."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
+    return slug or "unnamed"
 
 
 @dataclass(frozen=True)
@@ -59,123 +58,56 @@ class Shard:
         return position % self.count == self.index
 
 
-class LockedError(KvbenchError):
-    pass
+@dataclass(frozen=True)
+class Skipped:
+    """A line of a result file that holds no usable row."""
+
+    path: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line} ({self.reason})"
 
 
-class FileLock:
-    """An exclusive lock file holding 'pid host'. A lock whose process is gone (same host) is taken over;
-    the take-over itself is serialised by a second O_EXCL file, so two processes finding the same stale lock
-    cannot both end up holding it."""
-
-    def __init__(self, path: Path, wait: bool = False, poll: float = 0.5):
-        self.path = path.with_name(path.name + ".lock")
-        self.wait, self.poll = wait, poll
-        self.held = False
-
-    def _holder(self) -> tuple[int, str] | None:
-        try:
-            pid, host = self.path.read_text().split()
-            return int(pid), host
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def _stale(self, holder: tuple[int, str] | None) -> bool:
-        """The holder's process is gone (same host only), or the lock stayed empty (a crash while creating it)."""
-        if holder is None:
-            return time.time() - self._mtime(self.path) > 5
-        return holder[1] == socket.gethostname() and not self._alive(holder[0])
-
-    def _take_over(self, holder: tuple[int, str] | None) -> None:
-        """Remove a stale lock, unless another process took it over (or is doing so) meanwhile."""
-        guard = self.path.with_name(self.path.name + ".takeover")
-        try:
-            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            if time.time() - self._mtime(guard) > 10:  # its creator died inside the few lines below
-                guard.unlink(missing_ok=True)
-            time.sleep(0.05)
-            return
-        try:
-            if self._holder() == holder and self._stale(holder):
-                self.path.unlink(missing_ok=True)
-        finally:
-            guard.unlink(missing_ok=True)
-
-    def check(self) -> None:
-        """Refuse now, creating nothing, if a live process holds the lock and we are not to wait."""
-        if self.wait or not self.path.exists():
-            return
-        holder = self._holder()
-        if not self._stale(holder):
-            raise self._locked(holder)
-
-    def _locked(self, holder: tuple[int, str] | None) -> LockedError:
-        who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
-        return LockedError(
-            f"{self.path.with_suffix('')} is being written by {who}; use --wait to wait for it "
-            f"(or delete {self.path.name} if that process is gone)"
-        )
-
-    def acquire(self) -> None:
-        me = f"{os.getpid()} {socket.gethostname()}"
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(me)
-                self.held = True
-                return
-            except FileExistsError:
-                holder = self._holder()
-                if self._stale(holder):
-                    self._take_over(holder)
-                    continue
-                if not self.wait:
-                    raise self._locked(holder) from None
-                time.sleep(self.poll)
-
-    @staticmethod
-    def _mtime(path: Path) -> float:
-        try:
-            return path.stat().st_mtime
-        except OSError:
-            return time.time()
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Complete rows of one result file; a torn or corrupt line is skipped (its sample will be redone). A line
-    is complete only with its newline: a last line without one is a write in progress or cut by a crash."""
-    rows = []
+def scan_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Skipped]]:
+    """(line number, row) of the complete rows of one result file, and the lines skipped with why. A line is
+    complete only with its newline: a last line without one is a write in progress or cut by a crash. A file
+    of JSON objects none of which has an `_id` is not a result file (e.g. a sensitivity study's kl_raw.jsonl
+    under the same folder): no rows, nothing skipped."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return rows
-    for line in data.split(b"\n")[:-1]:
+        return [], []
+    rows: list[tuple[int, dict[str, Any]]] = []
+    skipped: list[Skipped] = []
+    objects = 0
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines[:-1], start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8"))  # str, not bytes: json would sniff each line's encoding
         except (json.JSONDecodeError, UnicodeDecodeError):
+            skipped.append(Skipped(path, number, "not JSON"))
             continue
-        if isinstance(row, dict) and "_id" in row:
-            rows.append(row)
-    return rows
+        if not isinstance(row, dict):
+            skipped.append(Skipped(path, number, "not a JSON object"))
+        elif "_id" not in row:
+            objects += 1
+            skipped.append(Skipped(path, number, "no _id"))
+        else:
+            rows.append((number, row))
+    if not rows and objects:
+        return [], []
+    if lines[-1].strip():
+        skipped.append(Skipped(path, len(lines), "incomplete last line: a write in progress, or cut by a crash"))
+    return rows, skipped
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Complete rows of one result file; a torn or corrupt line is skipped (its sample will be redone)."""
+    return [row for _, row in scan_rows(path)[0]]
 
 
 class ResultFile:
@@ -264,22 +196,59 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def iter_result_files(root: Path) -> Iterator[Path]:
+def iter_result_files(root: Path, flag: str = "--results") -> Iterator[Path]:
+    """The .jsonl files under root (manifests aside); `flag` names root in errors (an option or argument)."""
     if not root.exists():
         raise InputError(f"results directory not found: {root}")
+    if not root.is_dir():
+        raise InputError(f"{flag} {root} is not a directory (give the folder that `kvbench run --results` wrote)")
     yield from sorted(p for p in root.rglob("*.jsonl") if "manifests" not in p.parts)
 
 
-def load_all_rows(root: Path) -> list[dict[str, Any]]:
+@dataclass
+class ResultSet:
+    """Every row under a results folder (shards merged, duplicates dropped), where each came from, and the lines
+    that held no row."""
+
+    root: Path
+    rows: list[dict[str, Any]]
+    skipped: list[Skipped]
+    origins: dict[int, tuple[Path, int]]  # id(row) -> (file, line)
+
+    def origin(self, row: dict[str, Any]) -> tuple[Path, int] | None:
+        return self.origins.get(id(row))
+
+
+def load_results(root: Path, flag: str = "--results") -> ResultSet:
     """Every row under root, shards merged; a sample that appears twice for one config (two shards that
     overlapped, a copied file) counts once."""
     seen: set[tuple[str, str, str]] = set()
-    rows = []
-    for path in iter_result_files(root):
-        for row in read_rows(path):
+    loaded = ResultSet(root, [], [], {})
+    for path in iter_result_files(root, flag):
+        rows, skipped = scan_rows(path)
+        loaded.skipped += skipped
+        for number, row in rows:
             key = (row.get("config_fp", ""), row.get("task", ""), row["_id"])
             if key in seen:
                 continue
             seen.add(key)
-            rows.append(row)
-    return rows
+            loaded.rows.append(row)
+            loaded.origins[id(row)] = (path, number)
+    return loaded
+
+
+def load_all_rows(root: Path) -> list[dict[str, Any]]:
+    """load_results(root).rows."""
+    return load_results(root).rows
+
+
+def manifest_protocols(root: Path) -> dict[str, dict[str, Any]]:
+    """protocol fingerprint -> the protocol fields its runs' manifests record (for saying what differs)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.glob("*/manifests/*.json")):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            out.setdefault(str(manifest["protocol_fp"]), dict(manifest["protocol"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a manifest is an aid to the message, never required
+    return out
