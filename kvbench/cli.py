@@ -329,24 +329,43 @@ def score(
     _emit(text, out)
 
 
-@app.command(epilog=_examples("kvbench compare baseline/ results/ --fail-below 1"))
+@app.command(epilog=_examples("kvbench compare ci/baseline-cpu out/ci-cpu --exact --junit out/ci-cpu/junit.xml"))
 def compare(
     base: Path = typer.Argument(..., help="baseline results directory"),
     new: Path = typer.Argument(..., help="results directory to check against it"),
-    fail_below: Optional[float] = typer.Option(
-        None, "--fail-below", help="exit 1 when any task's score drops more than this many points"),
+    exact: bool = typer.Option(False, "--exact", help="fail on any changed prediction (same device, dtype and "
+                               "engine: greedy decoding reproduces every answer); without it changes only warn"),
+    fail_below: float = typer.Option(
+        1.0, "--fail-below", help="points: fail when a task's paired 95% interval lies entirely below -this"),
+    max_slowdown: float = typer.Option(1.2, help="fail when prefill or decode seconds per token grow past this "
+                                       "ratio (same device name only)"),
+    max_memory: float = typer.Option(1.05, help="fail when cache bytes or peak memory grow past this ratio"),
+    timings: bool = typer.Option(True, "--timings/--no-timings", help="--no-timings: report speed, never fail on "
+                                 "it (shared or busy runners)"),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="also write the checks as JUnit XML here"),
     format: str = typer.Option("text", "--format", help="text | md"),
 ) -> None:
-    """Per-task and average score deltas between two result sets of one protocol (the regression gate)."""
+    """The regression gate: exact, score and cost checks of NEW against BASE (exit 1 when one fails)."""
+    from kvbench import gate
+    from kvbench.gate import render as gate_render
     from kvbench.results import compare as compare_mod
 
-    compare_mod.check_options(format, fail_below)
+    options = gate.GateOptions(exact, fail_below, gate.cost.Tolerance(max_slowdown, max_memory, timings))
+    compare_mod.check_options(format)
+    gate.check_options(options)
+    _check_out_file(junit)
     result = compare_mod.compare_dirs(base, new)
-    sys.stdout.write(compare_mod.render(result, format, fail_below))
-    failures = result.failures(fail_below)
-    if failures:
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        _err(f"kvbench: compare: {failures[0]}{more}")
+    report = gate.run(result, options)
+    body = gate_render.markdown(report) if format == "md" else gate_render.text(report)
+    sys.stdout.write(compare_mod.render(result, format) + "\n" + body)
+    if junit is not None:
+        from kvbench.results.store import write_atomic
+
+        write_atomic(junit, gate_render.junit(report))
+    if not report.passed:
+        first = report.failures[0]
+        more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
+        _err(f"kvbench: compare: {first.check} {first.scope}: {first.summary}{more}")
         raise typer.Exit(code=1)
 
 

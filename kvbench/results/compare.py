@@ -4,8 +4,8 @@ Both sets must be under one and the same protocol fingerprint (model weights, dt
 metric and engine versions), and each (method, budget, task) must have the same configuration fingerprint
 on both sides (hyper-parameters, scope, data); anything else is refused, never averaged. Scores are compared
 only on the samples both sets hold (the intersection of sample ids), and every line says how many that is.
-A task "drops" when NEW's score is more than --fail-below points under BASE's; a (method, budget, task) that
-BASE has and NEW lacks, or with no sample in common, fails the gate too (it cannot be checked)."""
+This module validates the pair and tabulates the score deltas; the checks that pass or fail the gate (exact,
+scores, cost) are `kvbench.gate`'s."""
 
 from __future__ import annotations
 
@@ -61,20 +61,6 @@ class Comparison:
     averages: list[Average]
     only_base: list[Key] = field(default_factory=list)
     only_new: list[Key] = field(default_factory=list)
-
-    def failures(self, fail_below: float | None) -> list[str]:
-        """Why the gate fails (empty: it passes, or no threshold was given)."""
-        if fail_below is None:
-            return []
-        out = []
-        for line in self.lines:
-            label = f"{line.method} {line.budget} {line.task}"
-            if line.delta is None:
-                out.append(f"{label}: no sample in common")
-            elif line.delta < -fail_below:
-                out.append(f"{label} dropped {-line.delta:.2f} points (more than {fail_below:g}) on {line.n} samples")
-        out += [f"{m} {b} {t}: in BASE but missing from NEW" for m, b, t in self.only_base]
-        return out
 
 
 def _grouped(rows: list[dict[str, Any]], side: str, root: Path) -> tuple[str, dict[Key, dict[str, Any]]]:
@@ -165,7 +151,7 @@ def _tables(result: Comparison) -> tuple[list[str], list[list[str]], list[str], 
     return head, body, avg_head, avg_body
 
 
-def _notes(result: Comparison, fail_below: float | None) -> list[str]:
+def _notes(result: Comparison) -> list[str]:
     notes = [
         f"BASE {result.base_dir} vs NEW {result.new_dir}; protocol fingerprint {result.protocol_fp}.",
         "Scores are computed on the samples both sets hold (the intersection of sample ids); "
@@ -174,16 +160,12 @@ def _notes(result: Comparison, fail_below: float | None) -> list[str]:
     ]
     notes += [f"Only in BASE: {m} {b} {t}." for m, b, t in result.only_base]
     notes += [f"Only in NEW: {m} {b} {t}." for m, b, t in result.only_new]
-    if fail_below is not None:
-        failures = result.failures(fail_below)
-        notes.append(f"Gate (--fail-below {fail_below:g}): " + ("FAILED: " + "; ".join(failures) + "." if failures
-                                                               else "passed: no task dropped more than that."))
     return notes
 
 
-def render(result: Comparison, fmt: str = "text", fail_below: float | None = None) -> str:
+def render(result: Comparison, fmt: str = "text") -> str:
     head, body, avg_head, avg_body = _tables(result)
-    notes = _notes(result, fail_below)
+    notes = _notes(result)
     if fmt == "md":
         tables = [*rendering.markdown(head, body, 3), "", *rendering.markdown(avg_head, avg_body, 3)]
     else:
@@ -191,8 +173,6 @@ def render(result: Comparison, fmt: str = "text", fail_below: float | None = Non
     return "\n".join([*tables, "", *notes]) + "\n"
 
 
-def check_options(fmt: str, fail_below: float | None) -> None:
+def check_options(fmt: str) -> None:
     if fmt not in FORMATS:
         raise InputError(f"--format must be text or md, got '{fmt}'")
-    if fail_below is not None and not fail_below >= 0:
-        raise InputError(f"--fail-below must be a number of points >= 0, got {fail_below}")
