@@ -273,28 +273,12 @@ def table(
     resamples: int = 10_000,
     ci_seed: int = 0,
     protocol: str | None = None,
+    on_skipped: Callable[[str], None] | None = None,
 ) -> str:
     """The comparison table of stored results, as `kvbench table` prints it (md, latex or csv). `protocol`: only
     rows of this protocol fingerprint (or a unique prefix). Lines of the result files that hold no usable row are
-    named under a markdown table; use table_with_notes to get them separately for the other formats."""
-    return table_with_notes(results, format=format, model=model, tasks=tasks, metric=metric, ci=ci,
-                            resamples=resamples, ci_seed=ci_seed, protocol=protocol)[0]
-
-
-def table_with_notes(
-    results: str | os.PathLike = "results",
-    *,
-    format: str = "md",
-    model: str | None = None,
-    tasks: str | Sequence[str] | None = None,
-    metric: str = "score",
-    ci: bool = False,
-    resamples: int = 10_000,
-    ci_seed: int = 0,
-    protocol: str | None = None,
-) -> tuple[str, str]:
-    """(table, note on the skipped lines of the result files, "" when none), as table() takes them. Torch-free:
-    the results readers never import the model code."""
+    named under a markdown table; for latex and csv, which have no place for them, `on_skipped` hears that note.
+    Torch-free: the results readers never import the model code."""
     from kvbench.results import report, selection, store
 
     loaded = selection.scored(store.load_results(Path(results)))
@@ -308,5 +292,7 @@ def table_with_notes(
             raise InputError(f"{{resamples}} must be >= 1, got {resamples}", options=("resamples",))
         report.add_ci(built, resamples, ci_seed)
     built.skipped = selection.skipped_note(loaded.skipped)
-    return report.render(built, format), built.skipped or ""
+    if built.skipped and on_skipped is not None and format not in ("md", "markdown"):
+        on_skipped(built.skipped)
+    return report.render(built, format)
 

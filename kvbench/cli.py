@@ -254,12 +254,10 @@ def table(
         name = _model_name(model) if model is not None else None
         _emit(recipes.render(recipes.side_by_side(chosen, store.load_all_rows(results), name), format), out)
         return
-    text, skipped = api.table_with_notes(results, format=format, model=model,
-                                         tasks=_comma_list(tasks) if tasks else None, metric=metric, ci=ci,
-                                         resamples=resamples, ci_seed=ci_seed, protocol=protocol)
+    text = api.table(results, format=format, model=model, tasks=_comma_list(tasks) if tasks else None, metric=metric,
+                     ci=ci, resamples=resamples, ci_seed=ci_seed, protocol=protocol,
+                     on_skipped=lambda note: _err(f"kvbench: table: {note}"))
     _emit(text, out)
-    if skipped and format not in ("md", "markdown"):  # markdown prints it under the table
-        _err(f"kvbench: table: {skipped}")
 
 
 @app.command(epilog=_examples("kvbench plot --results results --out plots"))
