@@ -44,6 +44,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+def save_reference_llama(path: Path, **tokenizer_options) -> torch.nn.Module:
+    """The kvpress parity model of methods-2.md §5.1, saved to `path` and returned: LlamaConfig(vocab 256, hidden
+    64, intermediate 128, 2 layers, 4 heads / 2 KV heads, head_dim 16, rope_theta 1e4, 4096 positions),
+    torch.manual_seed(0) before construction, every parameter times 3, float32. Loading needs a tokenizer:
+    the tiny byte one, with `tokenizer_options` (make_tiny_tokenizer's); the tests feed ids < 256 themselves."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
+                         max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(3.0)
+    model.save_pretrained(path)
+    make_tiny_tokenizer(**tokenizer_options).save_pretrained(path)
+    return model
+
+
 def make_tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE, add_bos: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

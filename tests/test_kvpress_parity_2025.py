@@ -57,25 +57,6 @@ def compute_n_kept(n_tokens: int, cr: float) -> int:
     return max(1, int(n_tokens * (1 - cr)))
 
 
-def save_reference_llama(path: Path) -> Path:
-    """methods-2.md §5.1: LlamaConfig(vocab 256, hidden 64, intermediate 128, 2 layers, 4 heads / 2 KV heads,
-    head_dim 16, rope_theta 1e4, 4096 positions), torch.manual_seed(0) before construction, every parameter x3."""
-    from conftest import make_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
-                         max_position_embeddings=4096)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.mul_(3.0)
-    model.save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)  # loading needs one; every id below is < 256
-    return path
-
-
 def reference_ids() -> tuple[list[int], list[int]]:
     gen = torch.Generator().manual_seed(1)
     context = torch.randint(0, 256, (1, T_CONTEXT), generator=gen)[0].tolist()
@@ -148,9 +129,11 @@ def lagkv_boundary_ties_only(diff: list, model, context: list[int], lag: int, n_
 
 @pytest.fixture(scope="module")
 def side_by_side(kvpress_python, tmp_path_factory):  # noqa: F811
+    from conftest import save_reference_llama
     from kvbench.models import load_model, resolve_model
 
-    model_dir = save_reference_llama(tmp_path_factory.mktemp("parity") / "reference-llama")
+    model_dir = tmp_path_factory.mktemp("parity") / "reference-llama"
+    save_reference_llama(model_dir)
     loaded = load_model(resolve_model(str(model_dir)), device="cpu", dtype="float32")
     context, question = reference_ids()
     ours = kvbench_kept(loaded.model, loaded.tokenizer, context, question)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,26 +35,6 @@ def compute_n_kept(n: int, cr: float) -> int:
     return 0 if cr >= 1 else max(1, int(n * (1 - cr)))
 
 
-def save_reference_llama(path: Path) -> Path:
-    """methods-2 §5.1: LlamaConfig(vocab 256, hidden 64, intermediate 128, 2 layers, 4 heads / 2 KV heads,
-    head_dim 16, rope_theta 1e4, 4096 positions), torch.manual_seed(0), every parameter times 3. The tiny
-    byte tokenizer (no BOS: its id 256 is outside this vocabulary) serves the text of the DuoAttention proxy."""
-    from conftest import make_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
-                         max_position_embeddings=4096)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.mul_(3)
-    model.save_pretrained(path)
-    make_tiny_tokenizer(add_bos=False).save_pretrained(path)
-    return path
-
-
 EA_EPSILONS = (0.0, 1e-2)  # the bare press's default, and kvpress's leaderboard "expected_attention"
 DUO_PATTERN = torch.rand(2, 2, generator=torch.Generator().manual_seed(3)).tolist()  # untied gates
 DUO_TEXTS = ["The lighthouse keeper counted ships every night. " * 12, "Rain fell on the quiet harbour town. " * 9,
@@ -64,9 +43,11 @@ DUO_TEXTS = ["The lighthouse keeper counted ships every night. " * 12, "Rain fel
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    from conftest import save_reference_llama
     from kvbench.models import load_model, resolve_model
 
-    folder = save_reference_llama(tmp_path_factory.mktemp("ref") / "methods2-llama")
+    folder = tmp_path_factory.mktemp("ref") / "methods2-llama"
+    save_reference_llama(folder, add_bos=False)  # no BOS: its id 256 is outside this vocabulary
     loaded = load_model(resolve_model(str(folder)), device="cpu", dtype="float32")
     context = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(1))[0].tolist()
     question = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))[0].tolist()

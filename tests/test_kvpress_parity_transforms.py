@@ -33,22 +33,11 @@ SIDE = ROOT / "scripts" / "kvpress_side_transforms.py"
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """methods-2.md §5.1: seed 0, every parameter x 3, float32; saved for kvpress, kept in memory for kvbench."""
-    from conftest import make_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from conftest import save_reference_llama
     from kvbench.engine import attention
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
-                         max_position_embeddings=4096)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
     path = tmp_path_factory.mktemp("tiny-llama-5-1")
-    model.save_pretrained(path)
-    make_tiny_tokenizer(chat_template=None, add_bos=False).save_pretrained(path)
+    model = save_reference_llama(path, chat_template=None, add_bos=False)
     attention.install(model)
     context = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(1))[0].tolist()
     return model, path, context
