@@ -16,6 +16,7 @@ import torch
 from conftest import RUN_TASK, make_tiny_llama, make_tiny_tokenizer
 
 import kvbench
+from kvbench.results import schema
 from kvbench import api, cli, runner
 from kvbench.errors import InputError
 
@@ -55,25 +56,13 @@ def test_rows_written_then_returned_again_without_recomputing(tiny_model_dir, ti
     assert any("nothing to run" in line for line in lines)
 
 
-def readme_row_fields() -> set[str]:
-    """The row fields results/README.md documents: every `name` of its "One line per sample" item, and the
-    names that open the sub-items of "Evidence and overlap fields"."""
-    text = (ROOT / "results" / "README.md").read_text()
-    rows = text[text.index("**One line per sample**"):text.index("**Evidence and overlap fields**")]
-    evidence = text[text.index("**Evidence and overlap fields**"):text.index("**Appends are flushed")]
-    fields = set(re.findall(r"`([a-z_]+)`", rows))
-    for line in evidence.splitlines():
-        if line.lstrip().startswith("- `"):
-            fields |= set(re.findall(r"`([a-z_]+)`", line.split(":")[0]))
-    return fields - {"kv_head", "query_head"}  # the values of `granularity`, written beside it
-
-
 def test_load_results_is_a_dataframe_with_the_documented_schema(tiny_model_dir, tiny_data_dir, tmp_path):
     pytest.importorskip("pandas")
     results = tmp_path / "results"
     rows = evaluate(tiny_model_dir, tiny_data_dir, methods=["fullkv", "snapkv"], ratios=[0.5], results=results)
     frame = kvbench.load_results(results)
-    documented = readme_row_fields()
+    # results/README.md documents exactly schema.FIELDS (tests/test_schema.py holds the two equal)
+    documented = set(schema.FIELD_NAMES)
     assert {"_id", "score", "config_fp", "evidence_retention_min", "layer_overlap"} <= documented
     assert documented <= set(frame.columns), sorted(documented - set(frame.columns))
     assert len(frame) == len(rows) == 4
