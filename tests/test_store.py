@@ -89,7 +89,7 @@ def test_second_lock_names_the_holder(tmp_path):
     first.acquire()
     try:
         assert first.pid_path.read_text().split() == [str(os.getpid()), socket.gethostname()]
-        with pytest.raises(LockedError, match=rf"^{path} is being written by process {os.getpid()} on .*--wait"):
+        with pytest.raises(LockedError, match=rf"^{path} is being written by process {os.getpid()} on .*use wait= to wait"):  # the API spelling of {wait}
             FileLock(path).acquire()
         with pytest.raises(LockedError):
             ResultFile(path).open()

@@ -6,8 +6,8 @@ a significant drop (fail); containing -threshold is a possible one (warn); other
 by noise moves the mean but leaves the upper end of the interval near 0, so it never fails; a drop spread
 over many samples does. The average over a method and budget's tasks is checked the same way with the
 stratified bootstrap (`stats.paired_average`), which catches a small drop spread over every task.
-With fewer than MIN_SAMPLES paired samples in a task the interval is degenerate (one sample gives [d, d]),
-so such a cell can warn but never fail: a suite that small is for the exact check."""
+With fewer than MIN_SAMPLES paired samples in a task the interval is degenerate (one sample gives [d, d]: no
+spread at all), so such a cell can warn but never fail: a suite that small is for the exact check."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kvbench.gate.sets import Cell
 from kvbench.results import stats
 
 
-MIN_SAMPLES = 10  # per task: below this the percentile interval is degenerate (n = 1 gives [d, d]) and can only warn
+MIN_SAMPLES = 2  # per task: one pair gives the degenerate interval [d, d], which can only warn
 
 
 def _status(paired: stats.Paired, threshold: float, n_min: int) -> str:
