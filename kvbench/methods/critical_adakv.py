@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import InputError
-from kvbench.methods.base import HeadRanking, Selection, SelectContext, full_indices, split_budget
+from kvbench.methods.base import HeadRanking, Selection, SelectContext
 from kvbench.methods.criticalkv import CriticalKV
 from kvbench.methods.head_budgets import critical_allocation
-from kvbench.methods.snapkv import checked_scores, keep_last
+from kvbench.methods.snapkv import checked_scores, window_fallback
 
 
 @dataclass
@@ -48,12 +48,9 @@ class CriticalAdaKV(CriticalKV):
             raise InputError(f"critical_adakv: alpha must be in [0, 1], got {self.alpha}")
 
     def select(self, ctx: SelectContext) -> torch.Tensor | Selection:
-        device = ctx.keys.device
-        if ctx.n_tokens <= ctx.kept:
-            return full_indices(ctx.n_kv_heads, ctx.n_tokens, device)
-        _, w = split_budget(ctx.kept, self.window_size)
-        if w < self.window_size:
-            return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
+        fallback = window_fallback(ctx, self.window_size)
+        if fallback is not None:
+            return fallback
         attention, norms = checked_scores(ctx, self.name)
         ranking = HeadRanking.with_window(attention, ctx.n_tokens, ctx.kept)
         weights = torch.ones_like(ranking.scores)

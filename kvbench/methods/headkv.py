@@ -32,9 +32,9 @@ import torch
 
 from kvbench.errors import InputError
 from kvbench.headtables import HeadTableUser, check_shape
-from kvbench.methods.base import HeadRanking, Selection, SelectContext, full_indices, split_budget
+from kvbench.methods.base import HeadRanking, Selection, SelectContext
 from kvbench.methods.head_budgets import keep_top_caps
-from kvbench.methods.snapkv import SnapKV, checked_scores, keep_last
+from kvbench.methods.snapkv import SnapKV, checked_scores, window_fallback
 
 VARIANTS = ("official", "kcf")
 
@@ -96,11 +96,8 @@ class HeadKV(HeadTableUser, SnapKV):
         return group_mean_caps(row, ctx.n_kv_heads) if ctx.group > 1 else row
 
     def select(self, ctx: SelectContext) -> torch.Tensor | Selection:
-        device = ctx.keys.device
-        if ctx.n_tokens <= ctx.kept:
-            return full_indices(ctx.n_kv_heads, ctx.n_tokens, device)
-        _, w = split_budget(ctx.kept, self.window_size)
-        if w < self.window_size:
-            return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
+        fallback = window_fallback(ctx, self.window_size)
+        if fallback is not None:
+            return fallback
         ranking = HeadRanking.with_window(checked_scores(ctx, self.name), ctx.n_tokens, ctx.kept)
         return keep_top_caps(ranking, self.caps(ctx))

@@ -54,6 +54,16 @@ def keep_last(n_heads: int, n_tokens: int, k: int, device: torch.device) -> torc
     return torch.arange(n_tokens - k, n_tokens, device=device).expand(n_heads, k)
 
 
+def window_fallback(ctx: SelectContext, window: int) -> torch.Tensor | None:
+    """The selection of a method with an observation window that needs no scores: every token when the prompt
+    fits the budget, the last C tokens when the budget is no larger than the window; None otherwise."""
+    if ctx.n_tokens <= ctx.kept:
+        return full_indices(ctx.n_kv_heads, ctx.n_tokens, ctx.keys.device)
+    if split_budget(ctx.kept, window)[1] < window:
+        return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, ctx.keys.device)
+    return None
+
+
 def checked_scores(ctx: SelectContext, method: str) -> torch.Tensor:
     if ctx.scores is None:
         raise RuntimeError(f"{method}: no prefill scores for layer {ctx.layer} (the scorer did not observe it)")
@@ -100,12 +110,10 @@ class SnapKV(Method):
         return ctx.kept - self.window_size
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
-        device = ctx.keys.device
-        if ctx.n_tokens <= ctx.kept:
-            return full_indices(ctx.n_kv_heads, ctx.n_tokens, device)
+        fallback = window_fallback(ctx, self.window_size)
+        if fallback is not None:
+            return fallback
         _, w = split_budget(ctx.kept, self.window_size)
-        if w < self.window_size:  # budget no larger than the window: the last C tokens
-            return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
         scores = checked_scores(ctx, self.name)
         return with_window(topk_sorted(scores, self.prefix_budget(ctx)), ctx.n_tokens, w)
 
