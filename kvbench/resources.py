@@ -40,6 +40,11 @@ def recipe_path(name: str) -> Path:
     return recipe_dir() / f"{name}.yaml"
 
 
+# libyaml's parser under the same safe constructor and resolver: the same data, parsed about 10x faster (the task
+# table is parsed on every `kvbench` start). Pure Python where PyYAML was built without libyaml.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: Path) -> Any:
     """A YAML file whose top level is a mapping; cached until the file changes."""
     return _load_yaml_cached(str(path), path.stat().st_mtime_ns if path.exists() else 0)
@@ -49,7 +54,7 @@ def load_yaml(path: Path) -> Any:
 def _load_yaml_cached(path: str, _mtime: int) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_SAFE_LOADER)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except IsADirectoryError:

@@ -35,8 +35,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from kvbench import data, metrics
 from kvbench.errors import InputError
 
@@ -144,6 +142,8 @@ def length_buckets(scores: Sequence[float], lengths: Sequence[float]) -> dict[st
     """LongBench-E per-length scores, numpy arithmetic as in the official ``scorer_e``; empty -> nan."""
     if len(scores) != len(lengths):
         raise ValueError(f"{len(scores)} scores but {len(lengths)} lengths")
+    import numpy as np  # only LongBench-E needs numpy's arithmetic; v1 scoring and `kvbench table` start without it
+
     groups: dict[str, list[float]] = {key: [] for key in BUCKETS}
     for s, length in zip(scores, lengths):
         groups[length_bucket(length)].append(s)

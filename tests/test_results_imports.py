@@ -53,3 +53,12 @@ def test_reading_results_imports_no_torch(command, tmp_path):
     names = imported_modules(args, tmp_path)
     heavy = sorted(n for n in names if n.split(".")[0] in HEAVY)
     assert heavy == [], f"kvbench {command} imported {heavy[:5]}"
+
+
+def test_plain_table_starts_without_numpy_or_pydantic(tmp_path):
+    """numpy (needed only by LongBench-E buckets and --ci statistics) and pydantic (typer 0.29 coerces options
+    through it) were two thirds of a `kvbench table` start; a plain table needs neither (scripts/BENCHMARKS.md)."""
+    results = write_results(tmp_path / "results")
+    names = imported_modules(["table", "--results", str(results), "--model", "m"], tmp_path)
+    assert "kvbench.results.report" in names  # the table was really built
+    assert sorted({n.split(".")[0] for n in names} & {"numpy", "pydantic"}) == []

@@ -15,12 +15,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvbench import scoring
-from kvbench.results import render as rendering, selection, stats
+from kvbench.results import render as rendering, selection
 from kvbench.data import TaskSpec, load_task_specs
 from kvbench.errors import InputError
+
+if TYPE_CHECKING:  # stats computes with numpy, whose import is most of a `kvbench table` start; only --ci needs it
+    from kvbench.results import stats
 
 
 @dataclass
@@ -178,9 +181,13 @@ def build_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = No
     return table
 
 
-def add_ci(table: Table, n_resamples: int = stats.N_RESAMPLES, seed: int = 0) -> Table:
+def add_ci(table: Table, n_resamples: int | None = None, seed: int = 0) -> Table:
     """Paired statistics of every cell against FullKV's cell of the same task, on the intersection of their
-    sample ids; the Avg column's by a bootstrap stratified over tasks (rows having every task only)."""
+    sample ids; the Avg column's by a bootstrap stratified over tasks (rows having every task only).
+    n_resamples None: stats.N_RESAMPLES."""
+    from kvbench.results import stats
+
+    n_resamples = stats.N_RESAMPLES if n_resamples is None else n_resamples
     if table.metric != "score":
         raise InputError("{ci} applies to {metric} score only", options=("ci", "metric"))
     reference = _reference(table)
@@ -319,6 +326,8 @@ def render_csv(table: Table) -> str:
 
 def _legend(table: Table) -> str:
     """The --ci legend: what the parenthesis and the marks mean, and the number of paired samples."""
+    from kvbench.results import stats
+
     first = next((p for pairs in table.ci.values() for p in pairs.values()), None)
     resamples, seed = (first.n_resamples, first.seed) if first else (stats.N_RESAMPLES, 0)
     n = ", ".join(f"{h} {table.ci_n[t]}" for t, h in zip(table.tasks, table.headers) if t in table.ci_n)
