@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import InputError
-from kvbench.methods.base import LayerView, SelectContext, full_indices, split_budget, topk_sorted, with_window
-from kvbench.methods.snapkv import SnapKV, checked_scores, keep_last, window_scores
+from kvbench.methods.base import LayerView, SelectContext, split_budget, topk_sorted, with_window
+from kvbench.methods.snapkv import SnapKV, checked_scores, window_fallback, window_scores
 
 
 @dataclass
@@ -66,12 +66,10 @@ class CriticalKV(SnapKV):
         return None  # not one ranking (see `ranked`); SnapKV's would read this method's stacked scores
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
-        device = ctx.keys.device
-        if ctx.n_tokens <= ctx.kept:
-            return full_indices(ctx.n_kv_heads, ctx.n_tokens, device)
+        fallback = window_fallback(ctx, self.window_size)
+        if fallback is not None:
+            return fallback
         selected, w = split_budget(ctx.kept, self.window_size)
-        if w < self.window_size:
-            return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
         attention, norms = checked_scores(ctx, self.name)
         first_stage = math.floor(self.first_stage_ratio * ctx.kept)
         if self.first_stage_ratio > 0:

@@ -30,13 +30,12 @@ from kvbench.methods.base import (
     LayerView,
     Method,
     SelectContext,
-    full_indices,
     reduce_groups,
     split_budget,
     topk_sorted,
     with_window,
 )
-from kvbench.methods.snapkv import checked_scores, keep_last
+from kvbench.methods.snapkv import checked_scores, window_fallback
 
 
 def noncausal_column_sums(view: LayerView, window: int, block: int = 512) -> torch.Tensor:
@@ -97,12 +96,10 @@ class H2OPrefill(Method):
         return reduce_groups(sums[:, :prefix].to(view.query.dtype).float(), view.keys.shape[0], self.gqa_reduce)
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
-        device = ctx.keys.device
-        if ctx.n_tokens <= ctx.kept:
-            return full_indices(ctx.n_kv_heads, ctx.n_tokens, device)
+        fallback = window_fallback(ctx, self.window_size)
+        if fallback is not None:
+            return fallback
         selected, w = split_budget(ctx.kept, self.window_size)
-        if w < self.window_size:
-            return keep_last(ctx.n_kv_heads, ctx.n_tokens, ctx.kept, device)
         scores = checked_scores(ctx, self.name)
         return with_window(topk_sorted(scores, selected), ctx.n_tokens, w)
 
