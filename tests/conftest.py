@@ -7,7 +7,9 @@ special tokens (ids 256..259). That makes expected token ids derivable by hand: 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -187,3 +189,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A data folder holding multifieldqa_en.jsonl with 8 short samples (see write_task_data)."""
     return write_task_data(tmp_path_factory.mktemp("data"))
+
+
+def run_kvbench(args: list[str], capsys: Any = None) -> tuple[int, str, str]:
+    """`kvbench ARGS` through cli.main() in this process with one torch thread (the caller's count restored after):
+    (exit code as a shell sees it: SystemExit(None) is 0, a message 1; stdout; stderr). The output needs capsys,
+    which this first drains of anything printed before; without it both strings are empty."""
+    from kvbench import cli as cli_mod
+
+    if capsys is not None:
+        capsys.readouterr()
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ["kvbench", *args]
+    torch.set_num_threads(1)
+    try:
+        cli_mod.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return code, out, err

@@ -10,39 +10,19 @@ rows, a partial task group named at the end, and --help that ends with examples.
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 from itertools import count
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_TASK, write_task_data
+from conftest import RUN_TASK, run_kvbench as cli, write_task_data
 
 from kvbench import cli as cli_mod
 from kvbench.methods.snapkv import SnapKV
 from kvbench.results import store
 
 PROC = Path("/proc/1")  # exists, and no one (root included) can create files in it
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """`kvbench ARGS` through cli.main() in this process, with one torch thread: (exit code, stdout, stderr)."""
-    argv, threads = sys.argv, torch.get_num_threads()
-    capsys.readouterr()
-    sys.argv = ["kvbench", *args]
-    torch.set_num_threads(1)
-    try:
-        cli_mod.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_args(p: dict, results: Path, *extra: str, model: Path | str | None = None, data: Path | None = None,

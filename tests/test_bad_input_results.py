@@ -6,14 +6,13 @@ no traceback, and nothing written. Then the lines that table and plot skip: coun
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import run_kvbench
 
-from kvbench import cli
 
 PROTOCOL = {"model_identity": "gguf-sha256:abc", "max_length": 8000, "chat": "template", "dtype": "float32",
             "prompt_rules": "v1", "metrics": "v1", "engine": "engine-v1"}
@@ -145,17 +144,6 @@ BAD = {
 }
 
 
-def run_main(monkeypatch, capsys, argv: list[str]) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["kvbench", *argv])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -166,7 +154,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeyp
     results = tmp_path / "results"
     files = case.setup(results)
     before = tree(tmp_path)
-    code, out, err = run_main(monkeypatch, capsys, case.argv(results, files, tmp_path / "out"))
+    code, out, err = run_kvbench(case.argv(results, files, tmp_path / "out"), capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("kvbench: error: "), err
@@ -192,7 +180,7 @@ def corrupt(root: Path) -> dict[str, Path]:
 
 def test_table_names_the_lines_it_skips_under_the_table(tmp_path, monkeypatch, capsys):
     files = corrupt(tmp_path / "results")
-    code, out, err = run_main(monkeypatch, capsys, ["table", "--results", str(tmp_path / "results")])
+    code, out, err = run_kvbench(["table", "--results", str(tmp_path / "results")], capsys)
     assert code == 0 and err == "", err
     bad = files["corrupt"]
     assert out.splitlines()[-1] == (f"Skipped 3 lines that hold no usable row: {bad}:4 (not JSON), "
@@ -204,7 +192,7 @@ def test_table_names_the_lines_it_skips_under_the_table(tmp_path, monkeypatch, c
 def test_table_csv_and_latex_say_it_on_stderr(tmp_path, monkeypatch, capsys):
     files = corrupt(tmp_path / "results")
     for fmt in ("csv", "latex"):
-        code, out, err = run_main(monkeypatch, capsys, ["table", "--results", str(tmp_path / "results"), "--format", fmt])
+        code, out, err = run_kvbench(["table", "--results", str(tmp_path / "results"), "--format", fmt], capsys)
         assert code == 0
         assert "Skipped" not in out  # the table itself stays clean for a paper or a spreadsheet
         assert err.startswith("kvbench: table: Skipped 3 lines") and err.count("\n") == 1
@@ -214,17 +202,17 @@ def test_table_csv_and_latex_say_it_on_stderr(tmp_path, monkeypatch, capsys):
 def test_plot_names_the_lines_it_skips(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     files = corrupt(tmp_path / "results")
-    code, out, err = run_main(monkeypatch, capsys, ["plot", "--results", str(tmp_path / "results"),
-                                                    "--out", str(tmp_path / "plots")])
+    code, out, err = run_kvbench(["plot", "--results", str(tmp_path / "results"),
+                                 "--out", str(tmp_path / "plots")], capsys)
     assert code == 0, err
     assert f"kvbench: plot: Skipped 3 lines that hold no usable row: {files['corrupt']}:4 (not JSON)" in err
 
 
 def test_protocol_picks_one_set(tmp_path, monkeypatch, capsys):
     files = two_protocols(tmp_path / "results")
-    code, out, err = run_main(monkeypatch, capsys, ["table", "--results", str(tmp_path / "results"), "--protocol", "protoB"])
+    code, out, err = run_kvbench(["table", "--results", str(tmp_path / "results"), "--protocol", "protoB"], capsys)
     assert code == 0, err
     assert "Protocol fingerprint: protoB." in out
-    code, out, err = run_main(monkeypatch, capsys, ["table", "--results", str(tmp_path / "results"), "--protocol", "protoA"])
+    code, out, err = run_kvbench(["table", "--results", str(tmp_path / "results"), "--protocol", "protoA"], capsys)
     assert code == 0 and "Protocol fingerprint: protoA." in out
     assert files  # both sets stay where they are: --protocol only selects

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from kvbench.gate import cost, exact, scores, sets
+from conftest import run_kvbench as cli
 
 N = 20  # samples per task: enough for the bootstrap interval to separate a real drop from one flipped answer
 TASKS = ("multifieldqa_en", "hotpotqa")
@@ -58,22 +58,6 @@ def base_rows() -> list[dict]:
 def edited(rows: list[dict], change) -> list[dict]:
     """A copy of rows with change(row) applied (change returns the new row or None to keep it)."""
     return [change(dict(r)) or r for r in rows]
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from kvbench import cli as cli_mod
-
-    capsys.readouterr()
-    argv, sys.argv = sys.argv, ["kvbench", *args]
-    try:
-        cli_mod.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def flagged(out: str, status: str) -> list[str]:

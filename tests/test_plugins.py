@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_TASK
+from conftest import RUN_TASK, run_kvbench
 
 import kvbench
-from kvbench import cli, methods, runner
+from kvbench import methods, runner
 from kvbench.engine import Plan
 from kvbench.errors import InputError
 from kvbench.methods.base import Budget
@@ -44,21 +44,6 @@ def plugin_dir(tmp_path, monkeypatch):
     sys.modules.pop("mypress", None)
 
 
-def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["kvbench", *argv])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    finally:
-        torch.set_num_threads(threads)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def run_args(model: Path, data: Path, results: Path, method: str, *extra: str) -> list[str]:
     return ["run", "--model", str(model), "--method", method, "--ratio", "0.3", "--tasks", RUN_TASK, "--data-dir",
             str(data), "--limit", "2", "--results", str(results), "--device", "cpu", *extra]
@@ -71,8 +56,7 @@ def expected_kept(row: dict) -> int:
 def test_doc_example_by_module_reference_from_the_cli(plugin_dir, tiny_model_dir, tiny_data_dir, tmp_path,
                                                       monkeypatch, capsys):
     results = tmp_path / "results"
-    code, _, err = run_cli(run_args(tiny_model_dir, tiny_data_dir, results, "fullkv,mypress:StridedKV"),
-                           monkeypatch, capsys)
+    code, _, err = run_kvbench(run_args(tiny_model_dir, tiny_data_dir, results, "fullkv,mypress:StridedKV"), capsys)
     assert code == 0, err
     rows = load_all_rows(results)
     assert sorted({r["method"] for r in rows}) == ["fullkv", "mypress:StridedKV"]
@@ -86,8 +70,8 @@ def test_doc_example_by_module_reference_from_the_cli(plugin_dir, tiny_model_dir
 
 def test_method_arg_sets_a_plugin_field(plugin_dir, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
-    code, _, err = run_cli(run_args(tiny_model_dir, tiny_data_dir, results, "mypress:StridedKV", "--method-arg",
-                                    "recent=4"), monkeypatch, capsys)
+    code, _, err = run_kvbench(run_args(tiny_model_dir, tiny_data_dir, results, "mypress:StridedKV", "--method-arg",
+                                        "recent=4"), capsys)
     assert code == 0, err
     assert {r["params"]["recent"] for r in load_all_rows(results)} == {4}
 
@@ -118,11 +102,11 @@ def test_entry_point_of_an_installed_package(plugin_dir, tiny_model_dir, tiny_da
     write_dist(site, "strided_plugin", "[kvbench.methods]\nstrided = mypress:StridedKV\n")
     monkeypatch.syspath_prepend(str(site))
     results = tmp_path / "results"
-    code, _, err = run_cli(run_args(tiny_model_dir, tiny_data_dir, results, "strided"), monkeypatch, capsys)
+    code, _, err = run_kvbench(run_args(tiny_model_dir, tiny_data_dir, results, "strided"), capsys)
     assert code == 0, err
     rows = load_all_rows(results)
     assert {r["method"] for r in rows} == {"strided"} and len(rows) == 2
-    code, out, _ = run_cli(["methods"], monkeypatch, capsys)
+    code, out, _ = run_kvbench(["methods"], capsys)
     assert code == 0 and re.search(r"^strided\s+plugin mypress:StridedKV \(entry point of strided_plugin\)", out, re.M)
 
 
@@ -130,7 +114,7 @@ def test_broken_entry_point_is_one_line(tmp_path, monkeypatch, capsys):
     site = tmp_path / "site"
     write_dist(site, "broken_plugin", "[kvbench.methods]\nbroken = no_such_module_xyz:Thing\n")
     monkeypatch.syspath_prepend(str(site))
-    code, _, err = run_cli(["run", "--method", "broken", "--results", str(tmp_path / "r")], monkeypatch, capsys)
+    code, _, err = run_kvbench(["run", "--method", "broken", "--results", str(tmp_path / "r")], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "entry point 'broken' (no_such_module_xyz:Thing) of broken_plugin: cannot load it" in err
 
@@ -323,7 +307,7 @@ def test_bad_presets_file_stops_the_cli_before_the_model(tmp_path, monkeypatch, 
     path = tmp_path / "mine.yaml"
     path.write_text("presets:\n  mine: {method: snapkv, pooling: 3}\n")
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(["run", "--model", "nosuch-model-dir/x", "--presets", str(path)], monkeypatch, capsys)
+    code, out, err = run_kvbench(["run", "--model", "nosuch-model-dir/x", "--presets", str(path)], capsys)
     assert code == 2 and err == f"kvbench: error: {path}: preset 'mine', key 'pooling': expected a string, got an integer 3\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]
 

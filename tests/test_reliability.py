@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import RUN_TASK, save_tiny_model_dir, write_task_data
+from conftest import RUN_TASK, run_kvbench, run_kvbench as cli, save_tiny_model_dir, write_task_data
 
 from kvbench.results import store
 
@@ -42,28 +41,8 @@ def run_args(model: Path | str, data: Path, results: Path, *extra: str, ratio: s
 
 
 def run_main(args: list[str]) -> int:
-    """`kvbench ARGS` in this process through cli.main(), with one torch thread; its exit code."""
-    from kvbench import cli as cli_mod
-
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ["kvbench", *args]
-    torch.set_num_threads(1)
-    try:
-        cli_mod.main()
-        return 0
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """run_main(args) with its output: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = run_main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
+    """`kvbench ARGS` in this process (conftest.run_kvbench): its exit code."""
+    return run_kvbench(args)[0]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import RUN_TASK, write_task_data
+from conftest import RUN_TASK, run_kvbench as run_cli, write_task_data
 from test_reliability import _wait_for
 
 from kvbench.results import store
@@ -30,24 +29,6 @@ WINDOWS = "1,2,4,8,16,32"
 def study_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["sensitivity", "--model", str(model), "--data-dir", str(data), "--tasks", RUN_TASK, "--windows", WINDOWS,
             "--docs", "3", "--positions", "2", "--quick", "--out", str(out), "--device", "cpu", "--threads", "1", "--bootstrap", "50", *extra]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from kvbench import cli as cli_mod
-
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ["kvbench", *args]
-    capsys.readouterr()
-    try:
-        cli_mod.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +107,8 @@ def test_bad_input(case, tiny_model_dir, data_dir, tmp_path, capsys, never_load)
 def complete(tiny_model_dir, data_dir, tmp_path_factory) -> Path:
     """One uninterrupted study through the CLI (in this process, one thread)."""
     out = tmp_path_factory.mktemp("complete") / "out"
-    from kvbench import cli as cli_mod  # capsys is function-scoped: call main directly
-
-    argv = sys.argv
-    sys.argv = ["kvbench", *study_args(tiny_model_dir, data_dir, out)]
-    try:
-        cli_mod.main()
-    finally:
-        sys.argv = argv
+    code, _, _ = run_cli(study_args(tiny_model_dir, data_dir, out))  # capsys is function-scoped: no output here
+    assert code == 0
     return out
 
 
