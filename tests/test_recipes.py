@@ -162,7 +162,8 @@ def fake_rows(model: str, per_method: dict[str, list[float]], recipe_stamp: dict
 def test_side_by_side_cells_averages_and_the_flagged_row():
     recipe = recipes.load("chunkkv-table17")
     stamp = recipe.expand(Overrides(model="tiny", limit=2)).stamp
-    rows = fake_rows("tiny", {"fullkv": [0.5, 1.0], "snapkv": [0.25, 0.5], "pyramidkv": [0.0, 0.2]}, stamp)
+    rows = fake_rows("tiny", {"fullkv": [0.5, 1.0], "snapkv": [0.25, 0.5], "pyramidkv": [0.0, 0.2],
+                              "chunkkv_paper": [0.0, 0.0]}, stamp)
     rows += fake_rows("tiny", {"chunkkv": [1.0, 1.0]})  # not a method of the recipe: left out
     rows += fake_rows("tiny", {"snapkv": [1.0, 1.0]}, granularity="kv_head")  # not the recipe's granularity: left out
     result = recipes.side_by_side(recipe, rows)
@@ -180,11 +181,24 @@ def test_side_by_side_cells_averages_and_the_flagged_row():
     assert "* PyramidKV: the paper prints Avg 36.55 but its task scores average 36.66 (36.55 is the H2O row" in text
     assert "Overridden from the recipe: limit=2, model=tiny." in text
     assert "the recipe's model is qwen2-7b" in text
-    assert "Granularity: query_head; streamingllm_prefill, chunkkv_paper keep one set per KV head" in text
+    # what the rows ran at: chunkkv_paper's stamped rows are kv_head; streamingllm_prefill has none to speak of
+    assert "Granularity: query_head; chunkkv_paper keeps one set per KV head" in text
     latex = recipes.render(result, "latex")
     assert latex.count(r" \\") == 7 and r"\begin{tabular}{llrrrrrr}" in latex  # header + the paper's six rows
     lines = recipes.render(result, "csv").splitlines()
     assert len(lines) == 1 + 6 * 6 and lines[1].startswith("chunkkv-table17,FullKV,fullkv,tiny,multifieldqa_zh,39.17,75.00,+35.83,2,")
+
+
+def test_unstamped_rows_are_matched_by_the_granularity_their_method_runs_at():
+    """Rows of runs without --recipe do not say which granularity the recipe would give their method; the method
+    does: at query_head, StreamingLLM's kv_head rows are the recipe's (positional: the same output), SnapKV's are not."""
+    recipe = recipes.load("chunkkv-table17")
+    rows = fake_rows("tiny", {"fullkv": [1.0, 1.0], "streamingllm_prefill": [0.5, 0.5]}, granularity="kv_head")
+    rows += fake_rows("tiny", {"snapkv": [0.25, 0.25]}, granularity="kv_head")
+    result = recipes.side_by_side(recipe, rows)
+    by_method = {c.row.method: c.ours["Avg"] for c in result.comparisons}
+    assert by_method["streamingllm_prefill"] == 50.0 and by_method["snapkv"] is None
+    assert "Granularity: query_head; streamingllm_prefill keeps one set per KV head" in recipes.render(result, "md")
 
 
 def test_side_by_side_needs_rows_and_one_model():

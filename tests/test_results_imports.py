@@ -41,12 +41,27 @@ def imported_modules(args: list[str], cwd: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("command", ["table", "table-help", "score", "compare"])
+def write_recipe_results(root: Path) -> Path:
+    """Rows as `kvbench run --recipe chunkkv-table17` writes them: stamped, snapkv at the recipe's query_head."""
+    stamp = {"name": "chunkkv-table17", "overrides": {"model": "m"}}
+    for method, budget, grain in (("fullkv", "full", "kv_head"), ("snapkv", "r0.1", "query_head")):
+        path = root / "m" / "lsht" / f"{method}__{budget}__full__c{method}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"_id": f"s{i}", "task": "lsht", "model": "m", "method": method, "budget": budget, "score": i / 4,
+                 "length": 100, "protocol_fp": "p", "task_fp": "t", "config_fp": f"c{method}", "scope": "full",
+                 "granularity": grain, "recipe": stamp} for i in range(3)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize("command", ["table", "table-help", "table-recipe", "score", "compare"])
 def test_reading_results_imports_no_torch(command, tmp_path):
     results = write_results(tmp_path / "results")
     args = {
         "table": ["table", "--results", str(results), "--model", "m"],
         "table-help": ["table", "--help"],
+        "table-recipe": ["table", "--recipe", "chunkkv-table17", "--results",
+                         str(write_recipe_results(tmp_path / "recipe-results"))],
         "score": ["score", str(write_predictions(tmp_path / "preds"))],
         "compare": ["compare", str(results), str(results)],
     }[command]

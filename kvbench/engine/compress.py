@@ -18,11 +18,9 @@ import torch
 from kvbench.engine import rope
 from kvbench.engine.cache import KeptLayer
 from kvbench.errors import InputError
+from kvbench.granularity import GRANULARITIES
 from kvbench.methods.base import Budget, DecodeContext, LayerDecoder, Method, Selection, SelectContext
 from kvbench.methods.storage import LayerStorage, Lifecycle, TransformContext
-
-
-GRANULARITIES = ("kv_head", "query_head")
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench import methods, resources
+from kvbench import resources
+from kvbench.budget import Budget
 from kvbench.data import load_task_specs
-from kvbench.engine.compress import GRANULARITIES, storage_granularity
 from kvbench.errors import InputError
-from kvbench.methods.base import Budget
+from kvbench.granularity import GRANULARITIES
 from kvbench.registry import did_you_mean
 from kvbench.results import report
 from kvbench.results.render import latex_escape
@@ -94,7 +94,13 @@ class Recipe:
     def granularity_of(self, method: str) -> str:
         """The granularity `method`'s rows run at under this recipe: the recipe's, except for methods whose
         query heads cannot keep different tokens (positional, layer-shared, FullKV), which the engine runs at
-        kv_head (same output, 1/g of the memory; kvbench.engine.compress.storage_granularity)."""
+        kv_head (same output, 1/g of the memory; kvbench.engine.compress.storage_granularity). Builds the
+        method, so it imports the engine (torch): the table path asks only where the rows cannot tell."""
+        if self.granularity == "kv_head":
+            return "kv_head"
+        from kvbench import methods
+        from kvbench.engine.compress import storage_granularity
+
         return storage_granularity(methods.build(method).method, self.granularity)
 
     def expand(self, overrides: "Overrides") -> "Expansion":
@@ -277,11 +283,11 @@ def side_by_side(recipe: Recipe, rows: Sequence[dict[str, Any]], model: str | No
     not: the method, budget and task fingerprints say what ran) beside the paper's numbers. Rows written before
     kvbench recorded a granularity are kv_head rows."""
     labels = {"full" if m == "fullkv" else recipe.kv_budget.label for m in recipe.methods}
-    granularity = {m: recipe.granularity_of(m) for m in recipe.methods}
-    mine = [r for r in rows if r.get("method") in recipe.methods and r.get("task") in recipe.tasks
-            and r.get("budget") in labels and (r.get("method") == "fullkv") == (r.get("budget") == "full")
-            and r.get("scope", "full") == recipe.scope
-            and r.get("granularity", "kv_head") == granularity[r["method"]]]
+    candidates = [r for r in rows if r.get("method") in recipe.methods and r.get("task") in recipe.tasks
+                  and r.get("budget") in labels and (r.get("method") == "fullkv") == (r.get("budget") == "full")
+                  and r.get("scope", "full") == recipe.scope]
+    granularity = _granularities(recipe, candidates)
+    mine = [r for r in candidates if r.get("granularity", "kv_head") == granularity[r["method"]]]
     model = model or _pick_model(recipe, mine)
     mine = [r for r in mine if r.get("model") == model]
     if not mine:
@@ -299,8 +305,21 @@ def side_by_side(recipe: Recipe, rows: Sequence[dict[str, Any]], model: str | No
         ours["Avg"] = sum(present) / len(present) if len(present) == len(recipe.tasks) else None
         comparisons.append(Comparison(row, ours, {t: got[t].n for t in recipe.tasks if t in got}))
     result = SideBySide(recipe, model, [specs[t].short for t in recipe.tasks], comparisons)
-    result.notes = _notes(recipe, mine, result, table.protocol_fps) + [f"Note: {n}." for n in table.notes]
+    result.notes = (_notes(recipe, mine, result, table.protocol_fps, granularity)
+                    + [f"Note: {n}." for n in table.notes])
     return result
+
+
+def _granularities(recipe: Recipe, candidates: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The granularity each method's rows must have run at to be this recipe's. Rows that `kvbench run --recipe`
+    wrote say it themselves (the engine picked it from the recipe's), which keeps a table of them free of torch;
+    only a method with unstamped rows alone asks the method itself (Recipe.granularity_of)."""
+    out = {}
+    for method in {r["method"] for r in candidates}:
+        stamped = {r.get("granularity", "kv_head") for r in candidates
+                   if r["method"] == method and (r.get("recipe") or {}).get("name") == recipe.name}
+        out[method] = stamped.pop() if len(stamped) == 1 else recipe.granularity_of(method)
+    return out
 
 
 def _pick_model(recipe: Recipe, rows: Sequence[dict[str, Any]]) -> str:
@@ -315,7 +334,8 @@ def _pick_model(recipe: Recipe, rows: Sequence[dict[str, Any]]) -> str:
                      "pick one with --model")
 
 
-def _notes(recipe: Recipe, rows: Sequence[dict[str, Any]], result: SideBySide, protocol: list[str]) -> list[str]:
+def _notes(recipe: Recipe, rows: Sequence[dict[str, Any]], result: SideBySide, protocol: list[str],
+           granularity: dict[str, str]) -> list[str]:
     notes = [f"Paper: {recipe.paper}; {recipe.table}. Cells: paper / ours / delta (ours - paper), points."]
     ours = f"Ours: {result.model}"
     if result.model != recipe.model:
@@ -330,7 +350,7 @@ def _notes(recipe: Recipe, rows: Sequence[dict[str, Any]], result: SideBySide, p
         notes.append("Overridden from the recipe: " + "; ".join(overrides) + ".")
     if any(not r.get("recipe") for r in rows):
         notes.append("Some of our rows come from runs without --recipe (same methods, budget and tasks).")
-    notes.append(granularity_note(recipe))
+    notes.append(granularity_note(recipe, granularity))
     printed = all(c.row.avg is not None for c in result.comparisons)
     notes.append("Avg: the paper's printed Avg; ours = the plain mean of our task scores (- until every task has one)."
                  if printed else "Avg: the source prints none, so the paper's is the mean of its task scores; ours "
@@ -343,12 +363,15 @@ def _notes(recipe: Recipe, rows: Sequence[dict[str, Any]], result: SideBySide, p
     return notes
 
 
-def granularity_note(recipe: Recipe) -> str:
-    """Which granularity our rows ran at, as the table's notes say it."""
+def granularity_note(recipe: Recipe, granularity: dict[str, str]) -> str:
+    """Which granularity our rows ran at (`granularity`: method -> the granularity of its rows), as the table's
+    notes say it."""
     text = f"Granularity: {recipe.granularity}"
-    shared = [m for m in recipe.methods if m != "fullkv" and recipe.granularity_of(m) != recipe.granularity]
+    shared = [m for m in recipe.methods
+              if m != "fullkv" and granularity.get(m, recipe.granularity) != recipe.granularity]
     if shared:
-        text += (f"; {', '.join(shared)} keep one set per KV head (their query heads cannot keep different "
+        verb = "keeps" if len(shared) == 1 else "keep"
+        text += (f"; {', '.join(shared)} {verb} one set per KV head (their query heads cannot keep different "
                  "tokens: the same output)")
     return text + "."
 
