@@ -5,7 +5,9 @@
 Runs the command --repeat times (default 10) and prints the median and the minimum wall time and CPU time
 (user + sys of the child). With --against, a second variant runs the same command with that PYTHONPATH
 first on the path (another checkout of kvbench, other dependency versions); the two alternate run by run so
-that the machine's load falls on both alike, and the last line is the ratio of their medians.
+that the machine's load falls on both alike, and the last line is the ratio of their medians. Every child
+runs in an empty temporary folder with this checkout (or --against) first on PYTHONPATH: `python -m` puts the
+working folder ahead of PYTHONPATH, so a child started in a checkout would import that checkout's kvbench.
 """
 
 from __future__ import annotations
@@ -16,16 +18,21 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
-def one_run(results: str, pythonpath: str | None) -> tuple[float, float]:
+CHECKOUT = str(Path(__file__).resolve().parents[1])
+EMPTY = tempfile.mkdtemp(prefix="bench_table-")
+
+
+def one_run(results: str, pythonpath: str) -> tuple[float, float]:
     env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "kvbench", "table", "--results", results], env=env,
+    done = subprocess.run([sys.executable, "-m", "kvbench", "table", "--results", results], env=env, cwd=EMPTY,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -46,15 +53,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--against", help="PYTHONPATH of the variant to compare with (e.g. an older checkout)")
     args = parser.parse_args()
-    variants = {"this checkout": None} | ({"against": args.against} if args.against else {})
+    results = str(Path(args.results).resolve())
+    variants = {"this checkout": CHECKOUT} | ({"against": args.against} if args.against else {})
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    one_run(args.results, None)  # warm the file cache and the bytecode of both sides before timing
-    if args.against:
-        one_run(args.results, args.against)
+    for pythonpath in variants.values():  # warm the file cache and the bytecode of both sides before timing
+        one_run(results, pythonpath)
     for index in range(args.repeat):
         order = list(variants) if index % 2 == 0 else list(reversed(variants))
         for name in order:
-            runs[name].append(one_run(args.results, variants[name]))
+            runs[name].append(one_run(results, variants[name]))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for name in variants:
         print(summary(name, runs[name]))

@@ -48,7 +48,8 @@ def test_table17_expands_to_exactly_its_rows_with_the_documented_variants():
     plan = recipe.expand(Overrides())
     assert (plan.model, plan.tasks, plan.ratios, plan.budget) == ("qwen2-7b", ",".join(TABLE17_TASKS), [0.1], None)
     assert (plan.scope, plan.max_length, plan.data, plan.limit, plan.data_dir) == ("full", 31500, "hub", None, None)
-    assert plan.granularity == "query_head" and plan.stamp == {"name": "chunkkv-table17", "overrides": {}}
+    assert plan.granularity == "query_head" and plan.stamp == {"name": "chunkkv-table17", "granularity": "query_head",
+                                                                     "overrides": {}}
     opts = runner.recipe_options("chunkkv-table17", Overrides(), runner.RunOptions())
     assert opts.granularity == "query_head"
     plans = runner.build_plans(opts)
@@ -198,6 +199,22 @@ def test_unstamped_rows_are_matched_by_the_granularity_their_method_runs_at():
     result = recipes.side_by_side(recipe, rows)
     by_method = {c.row.method: c.ours["Avg"] for c in result.comparisons}
     assert by_method["streamingllm_prefill"] == 50.0 and by_method["snapkv"] is None
+    assert "Granularity: query_head; streamingllm_prefill keeps one set per KV head" in recipes.render(result, "md")
+
+
+@pytest.mark.parametrize("stamp", [{"name": "chunkkv-table17", "deviations": ["granularity: kv_head"], "overrides": {}},
+                                   {"name": "chunkkv-table17", "granularity": "kv_head", "overrides": {}}],
+                         ids=["first-stamps", "another-granularity"])
+def test_stamps_of_the_recipe_as_it_was_do_not_set_the_granularity(stamp):
+    """The first `run --recipe` ran every row at kv_head (its stamps carry `deviations`), and a stamp naming
+    another granularity than the recipe's today is from an edited recipe: SnapKV's kv_head rows under either
+    are not the query_head recipe's, whatever the stamp says; StreamingLLM's are (its method runs at kv_head)."""
+    recipe = recipes.load("chunkkv-table17")
+    rows = fake_rows("tiny", {"fullkv": [1.0, 1.0], "snapkv": [0.5, 0.5], "streamingllm_prefill": [0.25, 0.25]},
+                     stamp, granularity="kv_head")
+    result = recipes.side_by_side(recipe, rows)
+    by_method = {c.row.method: c.ours["Avg"] for c in result.comparisons}
+    assert by_method["snapkv"] is None and by_method["streamingllm_prefill"] == 25.0
     assert "Granularity: query_head; streamingllm_prefill keeps one set per KV head" in recipes.render(result, "md")
 
 

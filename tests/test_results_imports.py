@@ -43,7 +43,7 @@ def imported_modules(args: list[str], cwd: Path) -> set[str]:
 
 def write_recipe_results(root: Path) -> Path:
     """Rows as `kvbench run --recipe chunkkv-table17` writes them: stamped, snapkv at the recipe's query_head."""
-    stamp = {"name": "chunkkv-table17", "overrides": {"model": "m"}}
+    stamp = {"name": "chunkkv-table17", "granularity": "query_head", "overrides": {"model": "m"}}
     for method, budget, grain in (("fullkv", "full", "kv_head"), ("snapkv", "r0.1", "query_head")):
         path = root / "m" / "lsht" / f"{method}__{budget}__full__c{method}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

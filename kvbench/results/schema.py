@@ -191,7 +191,7 @@ FIELDS: tuple[Field, ...] = (
     Field("task_fp", "task and data fingerprint", lambda r: r.fps.task_fp),
     Field("config_fp", "method configuration fingerprint", lambda r: r.fps.config_fp),
     Field("run_id", "the run that wrote the row (its manifest: manifests/<run_id>.json)", lambda r: r.run_id),
-    Field("recipe", "kvbench run --recipe: {name, overrides} (null otherwise; in no fingerprint)", lambda r: r.recipe),
+    Field("recipe", "kvbench run --recipe: {name, granularity, overrides} (null otherwise; in no fingerprint)", lambda r: r.recipe),
 )
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)

@@ -122,7 +122,7 @@ class Recipe:
             given["limit"] = overrides.limit
         if overrides.data_dir is not None:
             given["data_dir"] = str(overrides.data_dir)
-        stamp = {"name": self.name, "overrides": given}
+        stamp = {"name": self.name, "granularity": self.granularity, "overrides": given}
         return Expansion(
             model=model,
             method=",".join(self.methods),
@@ -280,7 +280,8 @@ class SideBySide:
 
 def side_by_side(recipe: Recipe, rows: Sequence[dict[str, Any]], model: str | None = None) -> SideBySide:
     """Our rows of this recipe's methods, tasks, budget, scope and granularity (from any run, recipe-stamped or
-    not: the method, budget and task fingerprints say what ran) beside the paper's numbers. Rows written before
+    not: the method, budget and task fingerprints say what ran) beside the paper's numbers. The granularity a
+    method's rows must have is what its recipe-stamped rows ran at (`_granularities`). Rows written before
     kvbench recorded a granularity are kv_head rows."""
     labels = {"full" if m == "fullkv" else recipe.kv_budget.label for m in recipe.methods}
     candidates = [r for r in rows if r.get("method") in recipe.methods and r.get("task") in recipe.tasks
@@ -305,21 +306,33 @@ def side_by_side(recipe: Recipe, rows: Sequence[dict[str, Any]], model: str | No
         ours["Avg"] = sum(present) / len(present) if len(present) == len(recipe.tasks) else None
         comparisons.append(Comparison(row, ours, {t: got[t].n for t in recipe.tasks if t in got}))
     result = SideBySide(recipe, model, [specs[t].short for t in recipe.tasks], comparisons)
-    result.notes = (_notes(recipe, mine, result, table.protocol_fps, granularity)
+    ran = {r["method"] for r in mine}  # the note speaks of the chosen model's rows only
+    result.notes = (_notes(recipe, mine, result, table.protocol_fps, {m: granularity[m] for m in ran})
                     + [f"Note: {n}." for n in table.notes])
     return result
 
 
 def _granularities(recipe: Recipe, candidates: Sequence[dict[str, Any]]) -> dict[str, str]:
     """The granularity each method's rows must have run at to be this recipe's. Rows that `kvbench run --recipe`
-    wrote say it themselves (the engine picked it from the recipe's), which keeps a table of them free of torch;
-    only a method with unstamped rows alone asks the method itself (Recipe.granularity_of)."""
+    wrote for the recipe as it stands say it themselves (the engine picked it from the recipe's), which keeps a
+    table of them free of torch; where a method has no such rows, or they disagree, the method itself is asked
+    (Recipe.granularity_of, which imports the engine)."""
     out = {}
     for method in {r["method"] for r in candidates}:
         stamped = {r.get("granularity", "kv_head") for r in candidates
-                   if r["method"] == method and (r.get("recipe") or {}).get("name") == recipe.name}
+                   if r["method"] == method and _stamped_by(recipe, r)}
         out[method] = stamped.pop() if len(stamped) == 1 else recipe.granularity_of(method)
     return out
+
+
+def _stamped_by(recipe: Recipe, row: dict[str, Any]) -> bool:
+    """Did `kvbench run --recipe` write this row at the granularity the recipe asks for today? The stamp names
+    it. Stamps without the key predate it and were written at the recipe's granularity (0fdad2b on), except the
+    first ones, which ran everything at kv_head and carry `deviations`."""
+    stamp = row.get("recipe") or {}
+    if stamp.get("name") != recipe.name or "deviations" in stamp:
+        return False
+    return stamp.get("granularity", recipe.granularity) == recipe.granularity
 
 
 def _pick_model(recipe: Recipe, rows: Sequence[dict[str, Any]]) -> str:
