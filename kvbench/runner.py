@@ -211,7 +211,7 @@ def granularity_note(opts: RunOptions, plans: list[Plan]) -> str | None:
 def config_fields(plan: Plan, scope: str) -> dict[str, Any]:
     """The fields config_fp is made of (kvbench.results.schema.config_fields), from a plan."""
     fields = schema.config_fields(plan.method.name, plan.method.params(), plan.budget.label, scope,
-                                  getattr(type(plan.method), "version", 1), granularity=plan.granularity,
+                                  plan.method.code_version(), granularity=plan.granularity,
                                   artifacts=plan.method.artifacts())
     source = source_version(type(plan.method))
     if source:  # only for a method defined outside kvbench: built-in fingerprints stay as they were

@@ -417,6 +417,26 @@ def test_column_sums_from_kernel_lse_match_dense_reference(h_q, h_kv):
     assert not torch.allclose(off.column_sums().double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("h_q,h_kv", GQA)
+@pytest.mark.parametrize("tq", [300, 170])  # all queries, or a suffix (the causal offset of a chunked prefill)
+def test_column_sums_in_key_tiles_match_dense_reference(h_q, h_kv, tq):
+    """The lse path cuts each block of 128 queries into tiles of keys; tiles of any width, ones that cut a
+    block's causal triangle included, give the dense float64 sums to float32 rounding."""
+    t = 300
+    full = rand_view(h_q, h_kv, t, seed=h_q + tq)
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        full.query[None], full.keys[None], full.values[None], 0.0, True, scale=full.scaling)
+    view = LayerView(0, 1, full.query[:, -tq:, :], full.keys, full.values, full.scaling, lse=lse[0][:, -tq:])
+    g = h_q // h_kv
+    logits = torch.einsum("hqd,hkd->hqk", view.query.double(), view.keys.double().repeat_interleave(g, 0))
+    rows = torch.arange(t - tq, t)[:, None]
+    logits = (logits * view.scaling).masked_fill(torch.arange(t)[None, :] > rows, float("-inf"))
+    ref = torch.softmax(logits, dim=-1).sum(dim=1)
+    assert ref[:, -1].min() > 0  # the last key is seen by the last query: a real sum, not masked zeros
+    for tile in (1, 37, 100, 256, 1000):
+        torch.testing.assert_close(view._column_sums_lse(tile=tile).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_prefill_with_column_sums_keeps_the_model_output_bit_identical(tiny_llama):
     """H2O's observer asks the attention kernel for its log-sum-exp; the prefill's logits and cache must be
     exactly those of a prefill without any observer, so FullKV rows do not depend on the sweep's methods."""

@@ -187,10 +187,11 @@ class LayerView:
         rest would be masked to exact zeros); a KV head's g query heads share one matmul.
 
         With `lse` (the attention kernel's log-sum-exp of every query's logits), a query's softmax row is
-        exp(logits - lse) and needs no max or sum of its own: one matmul, one subtraction, one exp and the
-        column sum per block of 128 queries (small enough to stay in the CPU cache between those passes).
-        Without it each block of 512 queries takes a full softmax. The two agree to float32 rounding (the
-        normalisers are summed in different orders), so the path is part of the H2O methods' code version."""
+        exp(logits - lse) and needs no max or sum of its own: one matmul that subtracts the lse, one exp and the
+        column sum per tile of 128 queries x 256 keys. Without it each block of 512 queries takes a full softmax.
+        The two agree to float32 rounding (the normalisers are summed in different orders), and the tiles move
+        last bits too (the matmul and sum kernels round by shape), so the path is part of the code version of
+        every method that reads causal column sums (h2o, h2o_prefill, observed_attention)."""
         if "colsum" not in self._cache:
             if self.partial_queries:
                 raise RuntimeError("column sums of a chunked prefill must be accumulated by the engine: the method "
@@ -215,24 +216,31 @@ class LayerView:
             total[:, :visible] += torch.softmax(logits, dim=-1).sum(dim=1)
         return total
 
-    def _column_sums_lse(self, block: int = 128) -> torch.Tensor:
+    def _column_sums_lse(self, block: int = 128, tile: int = 256) -> torch.Tensor:
+        # Per tile of `block` queries x `tile` keys, small enough that the logits stay in the core's cache between
+        # the matmul (which subtracts the log-sum-exp as it goes: baddbmm), the exp and the sum over queries.
         h_q, tq, d = self.query.shape
         h_kv, t, g = self.keys.shape[0], self.n_tokens, self.group
         offset = t - tq
         device = self.keys.device
-        scaled = self.query.float() * self.scaling
+        scaled = (self.query.float() * self.scaling).reshape(h_kv, g, tq, d)
         keys_t = self.keys.float().transpose(1, 2)  # [H_kv, d, T]
-        lse = self.lse.float()
+        neg_lse = (-self.lse.float()).reshape(h_kv, g, tq)
+        future = torch.ones(block, block, dtype=torch.bool, device=device).triu(1)  # row r must not see r+1 ..
         total = torch.zeros(h_q, t, dtype=torch.float32, device=device)
         for start in range(0, tq, block):
             stop = min(start + block, tq)
-            n, visible = stop - start, stop + offset
-            q = scaled[:, start:stop, :].reshape(h_kv, g * n, d)
-            logits = torch.bmm(q, keys_t[:, :, :visible]).view(h_q, n, visible)
-            logits.sub_(lse[:, start:stop, None])
-            own = logits[:, :, start + offset:]  # the block's own keys: the causal triangle
-            own.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), float("-inf"))
-            total[:, :visible] += logits.exp_().sum(dim=1)
+            n, visible, first_own = stop - start, stop + offset, start + offset
+            q = scaled[:, :, start:stop, :].reshape(h_kv, g * n, d)
+            shift = neg_lse[:, :, start:stop].reshape(h_kv, g * n, 1)
+            for a in range(0, visible, tile):
+                b = min(a + tile, visible)
+                logits = torch.baddbmm(shift, q, keys_t[:, :, a:b]).view(h_q, n, b - a)
+                if b > first_own:  # the tile reaches the block's own keys: the causal triangle
+                    own = logits[:, :, max(first_own - a, 0):]
+                    skip = max(a - first_own, 0)
+                    own.masked_fill_(future[:n, skip : skip + own.shape[2]], float("-inf"))
+                total[:, a:b] += logits.exp_().sum(dim=1)
         return total
 
     def last_row(self) -> torch.Tensor:
@@ -441,6 +449,11 @@ class Method:
         return None
 
     # ---- description -----------------------------------------------------------------------------------
+    def code_version(self) -> int:
+        """The code version of this configuration (what the fingerprint records): the class's `version`, unless
+        a method's parameters pick code paths that changed at different times."""
+        return type(self).version
+
     def params(self) -> dict[str, Any]:
         """The hyper-parameters that identify this configuration (what the fingerprint digests)."""
         return {name: value for name, value in self.all_params().items()

@@ -73,7 +73,8 @@ class H2O(Method):
         "Zhang et al. 2023 (arXiv 2306.14048); FMInference/H2O@ac75c2a h2o_hf/utils_real_drop H2OKVCache_LayerWise"
     )
     continuous: ClassVar[bool] = True
-    version: ClassVar[int] = 2  # 2: prompt column sums from the attention kernel's log-sum-exp (float32 rounding)
+    # 2: prompt column sums from the attention kernel's log-sum-exp; 3: in cache-sized tiles (float32 rounding)
+    version: ClassVar[int] = 3
     gqa_reduce: str = "sum"
     heavy_fraction: float = 0.5
 

@@ -67,7 +67,9 @@ class H2OPrefill(Method):
         "Zhang et al. 2023, H2O, arXiv 2306.14048; prefill-once as KVCache-Factory H2OKVCluster (w=8, no pooling) "
         "with its causal-mask fix (commit 9f9aa2e); causal=false: the pre-fix scores (ffac160 L544-554)"
     )
-    version = 2  # 2: column sums from the attention kernel's log-sum-exp (equal to version 1's to float32 rounding)
+    # 2: column sums from the attention kernel's log-sum-exp (equal to version 1's to float32 rounding);
+    # 3: those sums in cache-sized tiles (float32 rounding again). Only the causal sums changed: see code_version.
+    version = 3
     added_params: ClassVar[dict[str, Any]] = {"causal": True}
 
     window_size: int = 8  # last w tokens always kept, excluded from the ranking (named as in the official code)
@@ -89,6 +91,9 @@ class H2OPrefill(Method):
         if self.causal:
             return ("h2o-prefill-colsum", self.window_size, self.gqa_reduce)
         return ("h2o-prefill-noncausal", self.window_size, self.gqa_reduce)
+
+    def code_version(self) -> int:
+        return self.version if self.causal else 2  # the pre-fix, non-causal scores are as they were at version 2
 
     def score(self, view: LayerView) -> torch.Tensor:
         prefix = max(0, view.n_tokens - self.window_size)
