@@ -12,15 +12,20 @@ from pathlib import Path
 import pytest
 
 HEAVY = ("torch", "transformers", "accelerate", "gguf", "safetensors")
+STAMP = {"name": "chunkkv-table17", "granularity": "query_head", "overrides": {"model": "m"}}
 
 
-def write_results(root: Path) -> Path:
+def write_results(root: Path, task: str = "hotpotqa", recipe: dict | None = None) -> Path:
+    """FullKV and SnapKV rows of one task, 3 samples each; with `recipe` (a stamp) as `kvbench run --recipe`
+    writes them: stamped, scope full, snapkv at the recipe's query_head."""
     for method, budget in (("fullkv", "full"), ("snapkv", "r0.1")):
-        path = root / "m" / "hotpotqa" / f"{method}__{budget}__full__c{method}.jsonl"
+        path = root / "m" / task / f"{method}__{budget}__full__c{method}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"_id": f"s{i}", "task": "hotpotqa", "model": "m", "method": method, "budget": budget,
-                 "score": i / 4, "length": 100, "protocol_fp": "p", "task_fp": "t", "config_fp": f"c{method}"}
-                for i in range(3)]
+        stamped = {} if recipe is None else {
+            "scope": "full", "granularity": "query_head" if method == "snapkv" else "kv_head", "recipe": recipe}
+        rows = [{"_id": f"s{i}", "task": task, "model": "m", "method": method, "budget": budget,
+                 "score": i / 4, "length": 100, "protocol_fp": "p", "task_fp": "t", "config_fp": f"c{method}",
+                 **stamped} for i in range(3)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -41,19 +46,6 @@ def imported_modules(args: list[str], cwd: Path) -> set[str]:
     return names
 
 
-def write_recipe_results(root: Path) -> Path:
-    """Rows as `kvbench run --recipe chunkkv-table17` writes them: stamped, snapkv at the recipe's query_head."""
-    stamp = {"name": "chunkkv-table17", "granularity": "query_head", "overrides": {"model": "m"}}
-    for method, budget, grain in (("fullkv", "full", "kv_head"), ("snapkv", "r0.1", "query_head")):
-        path = root / "m" / "lsht" / f"{method}__{budget}__full__c{method}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"_id": f"s{i}", "task": "lsht", "model": "m", "method": method, "budget": budget, "score": i / 4,
-                 "length": 100, "protocol_fp": "p", "task_fp": "t", "config_fp": f"c{method}", "scope": "full",
-                 "granularity": grain, "recipe": stamp} for i in range(3)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 @pytest.mark.parametrize("command", ["table", "table-help", "table-recipe", "score", "compare"])
 def test_reading_results_imports_no_torch(command, tmp_path):
     results = write_results(tmp_path / "results")
@@ -61,7 +53,7 @@ def test_reading_results_imports_no_torch(command, tmp_path):
         "table": ["table", "--results", str(results), "--model", "m"],
         "table-help": ["table", "--help"],
         "table-recipe": ["table", "--recipe", "chunkkv-table17", "--results",
-                         str(write_recipe_results(tmp_path / "recipe-results"))],
+                         str(write_results(tmp_path / "recipe-results", "lsht", STAMP))],
         "score": ["score", str(write_predictions(tmp_path / "preds"))],
         "compare": ["compare", str(results), str(results)],
     }[command]

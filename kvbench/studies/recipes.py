@@ -317,12 +317,12 @@ def _granularities(recipe: Recipe, candidates: Sequence[dict[str, Any]]) -> dict
     wrote for the recipe as it stands say it themselves (the engine picked it from the recipe's), which keeps a
     table of them free of torch; where a method has no such rows, or they disagree, the method itself is asked
     (Recipe.granularity_of, which imports the engine)."""
-    out = {}
-    for method in {r["method"] for r in candidates}:
-        stamped = {r.get("granularity", "kv_head") for r in candidates
-                   if r["method"] == method and _stamped_by(recipe, r)}
-        out[method] = stamped.pop() if len(stamped) == 1 else recipe.granularity_of(method)
-    return out
+    stamped: dict[str, set[str]] = {r["method"]: set() for r in candidates}
+    for r in candidates:
+        if _stamped_by(recipe, r):
+            stamped[r["method"]].add(r.get("granularity", "kv_head"))
+    return {method: next(iter(ran)) if len(ran) == 1 else recipe.granularity_of(method)
+            for method, ran in stamped.items()}
 
 
 def _stamped_by(recipe: Recipe, row: dict[str, Any]) -> bool:
