@@ -131,6 +131,16 @@ def test_presets_and_inner_params():
     assert build("adakv", {"inner": "knorm"}).method.query_head_selection() is False
 
 
+def test_inner_code_version_is_the_inner_configurations():
+    # causal h2o_prefill's sums moved code version; its non-causal preset did not (H2OPrefill.code_version), and
+    # a wrapper's configuration records the version of the inner configuration it wraps, not of its class
+    causal = build("adakv", {"inner": "h2o_prefill"}).method
+    factory = build("adakv", {"inner": "h2o_factory_2024"}).method
+    assert causal.params()["inner_version"] == build("h2o_prefill").method.code_version() > 2
+    assert factory.params()["inner_version"] == build("h2o_factory_2024").method.code_version() == 2
+    assert "inner_version" not in build("adakv", {"inner": "knorm"}).method.params()  # knorm is at version 1
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"inner": "chunkkv"}, "does not keep the top of a per-token ranking"),
     ({"inner": "snapkv_adakv"}, "does not keep the top of a per-token ranking"),

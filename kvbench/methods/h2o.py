@@ -73,8 +73,9 @@ class H2O(Method):
         "Zhang et al. 2023 (arXiv 2306.14048); FMInference/H2O@ac75c2a h2o_hf/utils_real_drop H2OKVCache_LayerWise"
     )
     continuous: ClassVar[bool] = True
-    # 2: prompt column sums from the attention kernel's log-sum-exp; 3: in cache-sized tiles (float32 rounding)
-    version: ClassVar[int] = 3
+    # 2: prompt column sums from the attention kernel's log-sum-exp; 3: in cache-sized tiles; 4: in base 2
+    # (each float32 rounding)
+    version: ClassVar[int] = 4
     gqa_reduce: str = "sum"
     heavy_fraction: float = 0.5
 

@@ -68,8 +68,9 @@ class H2OPrefill(Method):
         "with its causal-mask fix (commit 9f9aa2e); causal=false: the pre-fix scores (ffac160 L544-554)"
     )
     # 2: column sums from the attention kernel's log-sum-exp (equal to version 1's to float32 rounding);
-    # 3: those sums in cache-sized tiles (float32 rounding again). Only the causal sums changed: see code_version.
-    version = 3
+    # 3: those sums in cache-sized tiles; 4: in base 2 (float32 rounding each time). Only the causal sums
+    # changed: see code_version.
+    version = 4
     added_params: ClassVar[dict[str, Any]] = {"causal": True}
 
     window_size: int = 8  # last w tokens always kept, excluded from the ranking (named as in the official code)

@@ -48,7 +48,8 @@ class ObservedAttention(Method):
         "kvpress 0.5.5 ObservedAttentionPress (observed_attention_press.py L34-49), mean-attention relative "
         "of H2O (Zhang et al. 2023, arXiv 2306.14048); methods-2.md §2.23"
     )
-    version = 2  # 2: the causal column sums in cache-sized tiles (LayerView.column_sums; float32 rounding)
+    # 2: the causal column sums in cache-sized tiles (LayerView.column_sums); 3: in base 2 (float32 rounding each)
+    version = 3
 
     def scorer_key(self) -> tuple:
         return ("observed-attention", self.gqa_reduce)

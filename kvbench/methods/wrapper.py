@@ -72,7 +72,7 @@ class Wrapper(Method):
     def params(self) -> dict[str, Any]:
         own = {name: getattr(self, name) for name in self.own_fields()}
         out = {"inner": self.inner, **own, "inner_params": self._inner.params()}
-        version = getattr(type(self._inner), "version", 1)
+        version = self._inner.code_version()
         if version != 1:  # the inner method's code version is part of the configuration, as it is alone
             out["inner_version"] = version
         return out
